@@ -1,0 +1,140 @@
+"""Attention of new tokens against a paged KV cache (PagedAttention, Kwon et al. 2023,
+arXiv:2309.06180): one op for decode, chunked prefill and prefill after a cached prefix.
+
+Sequence b has seq_lens[b] tokens in the cache, the token at position p in slot
+    block_tables[b, p // BS] * BS + p % BS       (k_cache/v_cache: [num_blocks, BS, Hk, D])
+Its q_len_b = cu_seqlens_q[b+1] - cu_seqlens_q[b] new queries are its LAST positions
+seq_lens[b] - q_len_b ... seq_lens[b] - 1, whose K/V are already written to the cache, and each
+attends causally to the cached tokens up to and including itself:
+    out_i = sum_{j <= p_i} softmax_j(scale * <q_i, k_j>) * v_j,    p_i = seq_lens[b] - q_len_b + i
+This is flash_attention(causal=True) on the sequence's cached K/V (bottom-right alignment), with
+the same GQA mapping (query head h reads kv head h // (Hq // Hk)), scale default 1/sqrt(D) and
+sliding window (keys p_i - W + 1 .. p_i, Hugging Face / Mistral semantics); see flash_attention.
+Decode is q_len_b == 1. Block-table entries past a sequence's last block are never read.
+Softmax in float32; the output is a new tensor in q's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..registry import SampleInput, register_op
+from ._backends import register_triton
+from ._checks import check_same, check_same_device, check_tensor, randn
+from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args,
+                              sequence_groups, token_index, triton_supports)
+
+
+def _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+           scale, sliding_window, deep: bool = True):
+    """Shape/dtype checks; ``deep`` also reads the index tensors (host sync) and returns
+    (cu_seqlens_q, seq_lens) as lists."""
+    check_tensor("q", q, 3, floating=True)
+    check_tensor("k_cache", k_cache, 4, floating=True)
+    check_tensor("v_cache", v_cache, 4, floating=True)
+    if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
+        raise ValueError(f"q, k_cache and v_cache must share a dtype, got {q.dtype}, "
+                         f"{k_cache.dtype}, {v_cache.dtype}")
+    if v_cache.shape != k_cache.shape:
+        raise ValueError(f"v_cache shape {tuple(v_cache.shape)} must equal k_cache shape "
+                         f"{tuple(k_cache.shape)}")
+    check_same("k_cache.shape[3] (head_dim)", k_cache.shape[3], "q.shape[2] (head_dim)", q.shape[2])
+    if k_cache.shape[2] == 0 or q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"q heads ({q.shape[1]}) must be a multiple of k_cache heads "
+                         f"({k_cache.shape[2]})")
+    if k_cache.shape[1] == 0:
+        raise ValueError("k_cache.shape[1] (block_size) must be positive")
+    check_tensor("block_tables", block_tables, 2, dtypes=(torch.int32,))
+    check_tensor("seq_lens", seq_lens, 1, dtypes=(torch.int32,))
+    check_tensor("cu_seqlens_q", cu_seqlens_q, 1, dtypes=(torch.int32,))
+    check_same("block_tables.shape[0]", block_tables.shape[0], "seq_lens.shape[0]", seq_lens.shape[0])
+    check_same("cu_seqlens_q.shape[0]", cu_seqlens_q.shape[0], "seq_lens.shape[0] + 1",
+               seq_lens.shape[0] + 1)
+    if seq_lens.shape[0] == 0:
+        raise ValueError("seq_lens must hold at least one sequence")
+    check_window_args(scale, sliding_window, max_seqlen_q, max_seqlen_k)
+    check_same_device(q=q, k_cache=k_cache, v_cache=v_cache, block_tables=block_tables,
+                      seq_lens=seq_lens, cu_seqlens_q=cu_seqlens_q)
+    if not deep:
+        return None
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    lens = seq_lens.tolist()
+    capacity = block_tables.shape[1] * k_cache.shape[1]
+    for b, n in enumerate(lens):
+        if not cu_q[b + 1] - cu_q[b] <= n <= min(capacity, max_seqlen_k):
+            raise ValueError(f"seq_lens[{b}] = {n} must lie between its query count "
+                             f"{cu_q[b + 1] - cu_q[b]} and min(block_tables.shape[1] * block_size "
+                             f"= {capacity}, max_seqlen_k = {max_seqlen_k})")
+    used = (torch.arange(block_tables.shape[1], device=seq_lens.device)[None, :] * k_cache.shape[1]
+            < seq_lens[:, None])
+    bad = used & ((block_tables < 0) | (block_tables >= k_cache.shape[0]))
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise ValueError(f"block_tables[{b}, {i}] = {int(block_tables[b, i])} is not a block of "
+                         f"k_cache (num_blocks {k_cache.shape[0]})")
+    return cu_q, lens
+
+
+def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                    max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
+                    sliding_window: int | None = None) -> torch.Tensor:
+    """q[T,Hq,D], k/v_cache[NB,BS,Hk,D], block_tables[B,max_blocks], seq_lens[B],
+    cu_seqlens_q[B+1] (all int32) -> out[T,Hq,D] (see module doc)."""
+    cu_q, k_lens = _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+                          max_seqlen_k, scale, sliding_window)
+    scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
+    q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    _, block_size, hk, d = k_cache.shape
+    out = torch.zeros_like(q)
+    for group in sequence_groups(q_lens, k_lens):
+        lq, lk = [q_lens[b] for b in group], [k_lens[b] for b in group]
+        q_tok, q_valid = token_index([cu_q[b] for b in group], lq, q.device)
+        idx = torch.tensor(group, device=q.device)
+        k_len = torch.tensor(lk, device=q.device)
+        # Gather the group's blocks in one indexing op; unused table entries read block 0.
+        n_blocks = -(-max(lk) // block_size)
+        table = block_tables[idx, :n_blocks].long()
+        live = torch.arange(n_blocks, device=q.device)[None, :] * block_size < k_len[:, None]
+        table = torch.where(live, table, torch.zeros_like(table))
+        keys = k_cache[table].reshape(len(group), n_blocks * block_size, hk, d)
+        values = v_cache[table].reshape(len(group), n_blocks * block_size, hk, d)
+        res = attention_padded(q[q_tok], keys, values, torch.tensor(lq, device=q.device), k_len,
+                               True, scale, sliding_window)
+        out[q_tok[q_valid]] = res[q_valid].to(q.dtype)
+    return out
+
+
+def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
+    g = torch.Generator().manual_seed(1)
+    samples = []
+    block_size, num_blocks = 16, 12
+    # (name, q lens, seq lens, Hq, Hk, D, sliding_window)
+    for name, lq, lk, hq, hk, d, window in [
+        ("decode_gqa4_d80", [1, 1, 1], [1, 37, 16], 8, 2, 80, None),
+        ("prefill_prefix_d64", [16, 5, 1], [16, 37, 17], 7, 1, 64, None),
+        ("window_chunked_d80", [17, 1], [37, 33], 2, 2, 80, 9),
+    ]:
+        k_cache = randn(num_blocks, block_size, hk, d, device=device, dtype=dtype, generator=g)
+        v_cache = randn(num_blocks, block_size, hk, d, device=device, dtype=dtype, generator=g)
+        # Shuffled, non-contiguous blocks; unused entries hold -1 as an engine would pad them.
+        perm = torch.randperm(num_blocks, generator=g)
+        table = torch.full((len(lk), 4), -1, dtype=torch.int32)
+        used = 0
+        for b, n in enumerate(lk):
+            count = -(-n // block_size)
+            table[b, :count] = perm[used:used + count].to(torch.int32)
+            used += count
+        q = randn(sum(lq), hq, d, device=device, dtype=dtype, generator=g)
+        cu = torch.tensor([0, *torch.tensor(lq).cumsum(0).tolist()], dtype=torch.int32)
+        samples.append(SampleInput(name, (q, k_cache, v_cache, table.to(device),
+                                          torch.tensor(lk, dtype=torch.int32, device=device),
+                                          cu.to(device), max(lq), max(lk)),
+                                   {"sliding_window": window}))
+    return samples
+
+
+register_op("paged_attention", paged_attention, sample_inputs=sample_inputs)
+register_triton("paged_attention", "paged_attention:paged_attention", supports=triton_supports)

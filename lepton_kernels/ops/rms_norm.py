@@ -1,0 +1,68 @@
+"""RMSNorm with an optional fused residual add (Zhang & Sennrich 2019, arXiv:1910.07467).
+
+    y = x / sqrt(mean(x^2 over H) + eps) * weight
+
+With ``residual`` given, the residual stream is updated first and normalized:
+    s = x + residual;  returns (rms_norm(s), s)
+The statistics are computed in float32 whatever the input dtype; s is returned in x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import SampleInput, register_op
+from ._backends import register_triton
+from ._checks import check_same, check_same_device, check_tensor, randn
+
+# The Triton kernel keeps a whole row in registers; LLM hidden sizes are at most 16384 so far.
+TRITON_MAX_HIDDEN = 65536
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+    check_tensor("x", x, 2, floating=True)
+    check_tensor("weight", weight, 1, floating=True)
+    check_same("weight.shape[0]", weight.shape[0], "x.shape[1] (hidden)", x.shape[1])
+    if not eps > 0:
+        raise ValueError(f"eps must be positive, got {eps}")
+    if residual is not None:
+        check_tensor("residual", residual, 2, floating=True)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {tuple(residual.shape)} must equal x shape {tuple(x.shape)}")
+    check_same_device(x=x, weight=weight, residual=residual)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
+             residual: torch.Tensor | None = None):
+    """x[T,H], weight[H] -> y[T,H]; with residual[T,H]: (y, x + residual)."""
+    _check(x, weight, eps, residual)
+    s = x.float()
+    if residual is not None:
+        s = s + residual.float()
+    y = s * torch.rsqrt(s.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.float()
+    if residual is None:
+        return y.to(x.dtype)
+    return y.to(x.dtype), s.to(x.dtype)
+
+
+def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    for tokens, hidden in [(1, 128), (7, 769), (83, 64)]:
+        x = randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+        w = randn(hidden, device=device, dtype=dtype, generator=g, scale=0.1) + 1
+        samples.append(SampleInput(f"T{tokens}_H{hidden}", (x, w, 1e-6)))
+        r = randn(tokens, hidden, device=device, dtype=dtype, generator=g)
+        samples.append(SampleInput(f"T{tokens}_H{hidden}_residual", (x, w, 1e-5), {"residual": r}))
+    return samples
+
+
+def triton_supports(x, *args, **kwargs):
+    """The Triton row kernels' limit, shared with layer_norm."""
+    if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > TRITON_MAX_HIDDEN:
+        return f"hidden size {x.shape[1]} > {TRITON_MAX_HIDDEN} does not fit one block"
+    return True
+
+
+register_op("rms_norm", rms_norm, sample_inputs=sample_inputs)
+register_triton("rms_norm", "rms_norm:rms_norm", supports=triton_supports)

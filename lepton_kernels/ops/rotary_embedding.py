@@ -1,0 +1,116 @@
+"""Rotary position embedding, RoPE (Su et al. 2021, arXiv:2104.09864), applied to q and k.
+
+For a token at position p, with cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * inv_freq)]
+(each half rot_dim/2 wide), the first rot_dim dims of every head are rotated pair by pair:
+    (x1, x2) -> (x1 * cos - x2 * sin,  x2 * cos + x1 * sin)
+is_neox=True  (Llama, Qwen, Mistral): the pairs are (x[i], x[i + rot_dim/2]), the two halves;
+is_neox=False (GPT-J, interleaved):   the pairs are (x[2i], x[2i + 1]).
+Dims rot_dim..D pass through unchanged (partial rotary, e.g. Phi, GPT-NeoX, ChatGLM).
+Math in float32; q' and k' are new tensors in q's and k's dtypes (the inputs are not modified).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..registry import SampleInput, register_op
+from ._backends import register_triton
+from ._checks import check_same, check_same_device, check_tensor, randn
+
+_INT_DTYPES = (torch.int64, torch.int32)
+
+
+def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+           is_neox: bool, check_range: bool = True) -> None:
+    check_tensor("positions", positions, 1, dtypes=_INT_DTYPES)
+    check_tensor("q", q, 3, floating=True)
+    check_tensor("k", k, 3, floating=True)
+    check_tensor("cos_sin_cache", cos_sin_cache, 2, floating=True)
+    check_same("q.shape[0] (tokens)", q.shape[0], "positions.shape[0]", positions.shape[0])
+    check_same("k.shape[0] (tokens)", k.shape[0], "positions.shape[0]", positions.shape[0])
+    check_same("k.shape[2] (head_dim)", k.shape[2], "q.shape[2] (head_dim)", q.shape[2])
+    rot_dim = cos_sin_cache.shape[1]
+    if rot_dim == 0 or rot_dim % 2 or rot_dim > q.shape[2]:
+        raise ValueError(f"cos_sin_cache.shape[1] (rot_dim, {rot_dim}) must be even, positive and "
+                         f"at most the head_dim {q.shape[2]}")
+    if not isinstance(is_neox, bool):
+        raise ValueError(f"is_neox must be a bool, got {type(is_neox).__name__}")
+    check_same_device(positions=positions, q=q, k=k, cos_sin_cache=cos_sin_cache)
+    if check_range and positions.numel():
+        lo, hi = torch.aminmax(positions)
+        if lo < 0 or hi >= cos_sin_cache.shape[0]:
+            raise ValueError(f"positions must lie in [0, {cos_sin_cache.shape[0]}) "
+                             f"(cos_sin_cache.shape[0]), got values in [{int(lo)}, {int(hi)}]")
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    # x: [T, H, D]; cos, sin: [T, 1, rot_dim/2] in float32
+    rot_dim = 2 * cos.shape[-1]
+    rot = x[..., :rot_dim].float()
+    if is_neox:
+        x1, x2 = rot.chunk(2, dim=-1)
+        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    else:
+        x1, x2 = rot[..., 0::2], rot[..., 1::2]
+        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    return torch.cat((rotated.to(x.dtype), x[..., rot_dim:]), dim=-1)
+
+
+def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
+                     cos_sin_cache: torch.Tensor, is_neox: bool = True):
+    """positions[T] int, q[T,Hq,D], k[T,Hk,D], cos_sin_cache[max_pos, rot_dim] -> (q', k')."""
+    _check(positions, q, k, cos_sin_cache, is_neox)
+    cos, sin = cos_sin_cache.index_select(0, positions).float().unsqueeze(1).chunk(2, dim=-1)
+    return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+
+
+def build_cos_sin_cache(max_position: int, rot_dim: int, base: float = 10000.0,
+                        dtype: torch.dtype = torch.float32, device=None,
+                        inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """The [max_position, rot_dim] table [cos(p * inv_freq) | sin(p * inv_freq)], p = 0..max-1.
+
+    inv_freq defaults to base^(-2i/rot_dim), i < rot_dim/2; pass your own for scaled RoPE variants.
+    Angles are computed in float32, as Hugging Face transformers does, then cast to ``dtype``.
+    """
+    if rot_dim <= 0 or rot_dim % 2:
+        raise ValueError(f"rot_dim must be even and positive, got {rot_dim}")
+    if max_position <= 0:
+        raise ValueError(f"max_position must be positive, got {max_position}")
+    if inv_freq is None:
+        inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, device=device, dtype=torch.float32) / rot_dim))
+    else:
+        check_tensor("inv_freq", inv_freq, 1, floating=True)
+        check_same("inv_freq.shape[0]", inv_freq.shape[0], "rot_dim / 2", rot_dim // 2)
+        inv_freq = inv_freq.to(device=device, dtype=torch.float32)
+    angles = torch.outer(torch.arange(max_position, device=inv_freq.device, dtype=torch.float32), inv_freq)
+    return torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
+
+
+def _dispatch_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
+    # Dispatch on q (positions come first but are integers).
+    q = args[1] if len(args) > 1 else kwargs.get("q")
+    return q if isinstance(q, torch.Tensor) else None
+
+
+def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
+    g = torch.Generator().manual_seed(0)
+    samples = []
+    # (tokens, q heads, kv heads, head_dim, rot_dim, is_neox, cache dtype)
+    for tokens, hq, hk, d, rd, neox, cache_dtype in [(7, 4, 2, 64, 64, True, dtype),
+                                                     (1, 2, 2, 80, 32, False, dtype),
+                                                     (83, 2, 1, 80, 80, True, torch.float32),
+                                                     (7, 3, 1, 80, 32, True, dtype),
+                                                     (7, 2, 1, 64, 64, False, torch.float32)]:
+        max_pos = 300
+        positions = torch.randint(0, max_pos, (tokens,), generator=g).to(device)
+        q = randn(tokens, hq, d, device=device, dtype=dtype, generator=g)
+        k = randn(tokens, hk, d, device=device, dtype=dtype, generator=g)
+        cache = build_cos_sin_cache(max_pos, rd, dtype=cache_dtype, device=device)
+        name = f"T{tokens}_Hq{hq}_Hk{hk}_D{d}_rot{rd}_{'neox' if neox else 'gptj'}"
+        samples.append(SampleInput(name, (positions, q, k, cache, neox)))
+    return samples
+
+
+register_op("rotary_embedding", rotary_embedding, sample_inputs=sample_inputs,
+            dispatch_tensor=_dispatch_tensor)
+register_triton("rotary_embedding", "rotary_embedding:rotary_embedding")

@@ -1,0 +1,164 @@
+"""quant_matmul (eager and triton) against float64 matmuls: the quantization error on Gaussian
+weights, and equality with x @ dequantize(qw).T up to the input dtype's rounding."""
+
+import re
+
+import pytest
+import torch
+
+import lepton_kernels
+from lepton_kernels.ops.quantize import QuantizedWeight
+
+IMPLS = ["eager", "triton"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+FORMATS = {"int8": (8, None), "int4_g32": (4, 32), "int4_g64": (4, 64), "int4_g128": (4, 128)}
+
+
+def randn(*shape, seed, dtype=torch.float32, device="cpu", scale=1.0):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(device, dtype)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty returns NaN-filled floats, so an output element a kernel never writes fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+
+
+def run(impl, x, qw, bias=None):
+    with lepton_kernels.use(quant_matmul=impl):
+        return lepton_kernels.quant_matmul(x, qw, bias)
+
+
+def rel_error(y, y_ref):
+    return ((y.double() - y_ref).norm() / y_ref.norm()).item()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+# Rounding to a grid of step s costs s / sqrt(12) rms. int8: s = 2 max|w| / 254 ~ 5.4 sigma / 254
+# for 256 Gaussian inputs, ~0.006 relative. int4: s = (max - min) / 15 ~ 5.2 sigma / 15 for a group
+# of 128, ~0.10 relative (0.10-0.11 over seeds), ~0.08 for groups of 32.
+@pytest.mark.parametrize("fmt,bound", [("int8", 1e-2), ("int4_g128", 0.115), ("int4_g32", 0.09)])
+def test_quantization_error_on_gaussian_weights(impl, fmt, bound):
+    w = randn(37, 256, seed=1, scale=0.05)
+    x = randn(7, 256, seed=2)
+    qw = lepton_kernels.quantize(w, *FORMATS[fmt])
+    err = rel_error(run(impl, x, qw), x.double() @ w.double().T)
+    # A format that quantized far better than its bound would point at a broken test.
+    assert bound / 30 < err < bound
+
+
+# (M, K, format): M <= 16 takes the decode kernel, M > 16 the tiled one; odd N throughout.
+SHAPES = [(1, 97, "int8"), (7, 96, "int4_g32"), (16, 192, "int4_g64"), (17, 256, "int4_g128"),
+          (33, 97, "int8"), (64, 192, "int4_g32"), (40, 256, "int4_g64")]
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m,k,fmt", SHAPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_equals_matmul_with_dequantized_weight_fp32(poisoned_empty, impl, m, k, fmt, with_bias):
+    n = 37
+    qw = lepton_kernels.quantize(randn(n, k, seed=k, scale=0.05), *FORMATS[fmt])
+    x = randn(m, k, seed=m)
+    bias = randn(n, seed=3) if with_bias else None
+    y = run(impl, x, qw, bias)
+    ref = x.double() @ lepton_kernels.dequantize(qw).double().T
+    if with_bias:
+        ref += bias.double()
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m,k,fmt", [(1, 97, "int8"), (5, 96, "int4_g32"), (33, 192, "int4_g64")])
+def test_equals_matmul_with_dequantized_weight_fp16(poisoned_empty, impl, m, k, fmt):
+    n = 37
+    qw = lepton_kernels.quantize(randn(n, k, seed=k, dtype=torch.float16, scale=0.05), *FORMATS[fmt])
+    x = randn(m, k, seed=m, dtype=torch.float16)
+    bias = randn(n, seed=3, dtype=torch.float16)
+    y = run(impl, x, qw, bias)
+    ref = x.double() @ lepton_kernels.dequantize(qw).double().T + bias.double()
+    assert y.dtype == torch.float16
+    # one rounding of the result to fp16 plus fp32 accumulation
+    torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("k,fmt", [(2048, "int8"), (1024, "int4_g32")])
+def test_triton_decode_split_k(poisoned_empty, k, fmt):
+    from lepton_kernels.triton_kernels.quant_matmul import _gemv_config
+
+    n = 37
+    split = _gemv_config(1, n, k, *FORMATS[fmt], torch.device("cpu"))[3]
+    assert split > 1, "this case is meant to exercise the split-K reduction"
+    qw = lepton_kernels.quantize(randn(n, k, seed=5, scale=0.05), *FORMATS[fmt])
+    x, bias = randn(1, k, seed=6), randn(n, seed=7)
+    ref = x.double() @ lepton_kernels.dequantize(qw).double().T + bias.double()
+    torch.testing.assert_close(run("triton", x, qw, bias).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("m", [3, 20])
+def test_strided_x(impl, m):
+    qw = lepton_kernels.quantize(randn(37, 128, seed=8, scale=0.05), 4, 64)
+    wide = randn(m, 200, seed=9)[:, 50:178]         # row stride 200
+    transposed = randn(128, m, seed=10).T            # column stride m
+    dq = lepton_kernels.dequantize(qw).double()
+    for x in (wide, transposed):
+        torch.testing.assert_close(run(impl, x, qw).double(), x.double() @ dq.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inputs_are_not_modified(impl):
+    qw = lepton_kernels.quantize(randn(37, 64, seed=11), 4, 32)
+    x, bias = randn(3, 64, seed=12), randn(37, seed=13)
+    before = [t.clone() for t in (qw.qweight, qw.scales, qw.zeros, x, bias)]
+    run(impl, x, qw, bias)
+    assert all(torch.equal(a, b) for a, b in zip((qw.qweight, qw.scales, qw.zeros, x, bias), before))
+
+
+def test_auto_selection_on_cpu_never_picks_the_interpreter():
+    qw = lepton_kernels.quantize(randn(8, 64, seed=0), 8)
+    assert lepton_kernels.get_op("quant_matmul").select(randn(1, 64, seed=0), qw) != "triton"
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bad_inputs_raise_value_error_naming_the_argument(impl):
+    qw = lepton_kernels.quantize(randn(37, 64, seed=14), 4, 32)
+    x = randn(3, 64, seed=15)
+    cases = [
+        ("x", (x[None], qw)),
+        ("x.shape[1]", (x[:, :32], qw)),
+        ("x", (x.half(), qw)),
+        ("qw", (x, qw.qweight)),
+        ("qw.scales", (x, QuantizedWeight(qw.qweight, qw.scales.half(), qw.zeros, 4, 32,
+                                          qw.shape, qw.dtype))),
+        ("bias", (x, qw, randn(36, seed=0))),
+        ("bias", (x, qw, randn(37, seed=0, dtype=torch.float16))),
+    ]
+    for name, args in cases:
+        with lepton_kernels.use(quant_matmul=impl), \
+                pytest.raises(ValueError, match=rf"(^|\W){re.escape(name)}\W"):
+            lepton_kernels.quant_matmul(*args)
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g128", "int4_g32"])
+@pytest.mark.parametrize("m", [1, 5, 16, 100, 512])
+def test_cuda_triton(dtype, fmt, m):
+    n, k = 4097, 4096
+    qw = lepton_kernels.quantize(randn(n, k, seed=1, dtype=dtype, device="cuda", scale=0.02),
+                                 *FORMATS[fmt])
+    x = randn(m, k, seed=2, dtype=dtype, device="cuda")
+    bias = randn(n, seed=3, dtype=dtype, device="cuda")
+    assert lepton_kernels.get_op("quant_matmul").select(x, qw, bias) == "triton"
+    y = lepton_kernels.quant_matmul(x, qw, bias)
+    ref = x.double() @ lepton_kernels.dequantize(qw).double().T + bias.double()
+    tol = 2e-3 if dtype == torch.float16 else 1.6e-2
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
