@@ -7,7 +7,9 @@ int8 (bits=8, group_size=None), symmetric per output channel:
 
 int4 (bits=4, group_size g in 32/64/128, default 128), asymmetric per group of g consecutive k
 (GPTQ/AWQ style; the range is widened to include 0 so the zero point is an integer in [0, 15]):
-    lo = min(0, min w[n, group]),  hi = max(0, max w[n, group])
+    lo = r * min(0, min w[n, group]),  hi = r * max(0, max w[n, group])
+    with r in {1, 0.95, ..., 0.7} chosen per group to minimise the group's squared round-trip
+    error (clipping the rare extremes buys resolution for the bulk of a Gaussian-like group);
     scales[n, j] = (hi - lo) / 15               (1 where the group is all zero)
     zeros[n, j] = clamp(round(-lo / scales[n, j]), 0, 15)                 uint8 [N, K/g]
     q[n, k] = clamp(round(w[n, k] / scales[n, j]) + zeros[n, j], 0, 15)   with j = k // g
@@ -23,7 +25,8 @@ Scales are float32 whatever the weight's dtype (a bf16 scale would add an error 
 int8 rounding itself). Arithmetic is float32 and dequantize rounds once, to the original dtype:
     dequantize(qw) = ((q - zeros) * scales).to(qw.dtype)
 which is exactly what quant_matmul's kernels compute in registers. Quantization error bound:
-|w - dequantize(qw)| <= scales / 2 (+ one rounding to the original dtype).
+|w - dequantize(qw)| <= scales / 2 (+ one rounding to the original dtype) for int8 and for the
+int4 values inside the chosen range; clipped int4 extremes err by at most (1 - r) * max|w|.
 """
 
 from __future__ import annotations
@@ -104,12 +107,36 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None) -> Q
     groups = wf.view(n, k // group_size, group_size)
     lo = groups.amin(dim=-1).clamp(max=0)
     hi = groups.amax(dim=-1).clamp(min=0)
+    best = None
+    # Clipping search: sixteen levels spread over the full range waste resolution on the rare
+    # extremes, so each group keeps the shrunken range [r*lo, r*hi] whose round trip has the
+    # smallest squared error (r = 1 included, so the search never does worse than min/max).
+    for ratio in _CLIP_RATIOS:
+        scales, zeros, q = _int4_grid(groups, lo * ratio, hi * ratio)
+        err = ((q - zeros[..., None]) * scales[..., None] - groups).square().sum(dim=-1)
+        if best is None:
+            best = [err, scales, zeros, q]
+            continue
+        better = err < best[0]
+        best[0] = torch.where(better, err, best[0])
+        best[1] = torch.where(better, scales, best[1])
+        best[2] = torch.where(better, zeros, best[2])
+        best[3] = torch.where(better[..., None], q, best[3])
+    _, scales, zeros, q = best
+    return QuantizedWeight(_pack_int4(q.view(n, k)), scales, zeros.to(torch.uint8), 4,
+                           group_size, (n, k), w.dtype)
+
+
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def _int4_grid(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """(scales, zeros, q) of the 16-level grid spanning [lo, hi] (lo <= 0 <= hi) per group."""
     scales = (hi - lo) / 15
     scales = torch.where(scales > 0, scales, torch.ones_like(scales))
     zeros = torch.round(-lo / scales).clamp_(0, 15)
     q = (torch.round(groups / scales[..., None]) + zeros[..., None]).clamp_(0, 15)
-    return QuantizedWeight(_pack_int4(q.view(n, k)), scales, zeros.to(torch.uint8), 4,
-                           group_size, (n, k), w.dtype)
+    return scales, zeros, q
 
 
 def _check_qweight(name: str, qw) -> None:

@@ -42,11 +42,13 @@ def rel_error(y, y_ref):
 @pytest.mark.parametrize("impl", IMPLS)
 # Rounding to a grid of step s costs s / sqrt(12) rms. int8: s = 2 max|w| / 254 ~ 5.4 sigma / 254
 # for 256 Gaussian inputs, ~0.006 relative. int4: s = (max - min) / 15 ~ 5.2 sigma / 15 for a group
-# of 128, ~0.10 relative (0.10-0.11 over seeds), ~0.08 for groups of 32.
-@pytest.mark.parametrize("fmt,bound", [("int8", 1e-2), ("int4_g128", 0.115), ("int4_g32", 0.09)])
+# of 128 would give ~0.10 relative; the clipping search brings it to ~0.095 (the optimum of a
+# uniform 16-level quantizer of a Gaussian is 0.0975 sigma, beaten slightly by fitting each group).
+# Enough rows and inputs that the measured error is close to its expectation.
+@pytest.mark.parametrize("fmt,bound", [("int8", 1e-2), ("int4_g128", 0.1), ("int4_g32", 0.085)])
 def test_quantization_error_on_gaussian_weights(impl, fmt, bound):
-    w = randn(37, 256, seed=1, scale=0.05)
-    x = randn(7, 256, seed=2)
+    w = randn(64, 512, seed=1, scale=0.05)
+    x = randn(32, 512, seed=2)
     qw = lepton_kernels.quantize(w, *FORMATS[fmt])
     err = rel_error(run(impl, x, qw), x.double() @ w.double().T)
     # A format that quantized far better than its bound would point at a broken test.
