@@ -59,4 +59,7 @@ def describe() -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * len(header[3]))
+    from .ext import ext_summary  # the package imports describe before ext
+
+    lines.append(ext_summary())
     return "\n".join(lines).rstrip() + "\n"
