@@ -148,7 +148,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     batch = cu_seqlens_q.shape[0] - 1
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, hq)
     _flash_attention_kernel[grid](
-        q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale * LOG2E,
+        q, k, v, out, cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous(), scale * LOG2E,
         sliding_window or 0,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         GROUP=hq // k.shape[1], HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d),

@@ -37,7 +37,7 @@ def _paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_kd,
     stride_vb, stride_vs, stride_vh, stride_vd,
     stride_ot, stride_oh, stride_od,
-    stride_bt,
+    stride_bt, stride_bn,
     GROUP: tl.constexpr,             # Hq // Hk
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -87,7 +87,7 @@ def _paged_attention_kernel(
         offs_k = start_n + offs_n
         k_valid = offs_k < seq_len
         # Physical location of each key position: block_tables[seq, p // BS], offset p % BS.
-        block = tl.load(table + offs_k // block_size, mask=k_valid, other=0).to(tl.int64)
+        block = tl.load(table + (offs_k // block_size) * stride_bn, mask=k_valid, other=0).to(tl.int64)
         offset = offs_k % block_size
         k_off = block * stride_kb + offset * stride_ks + kv_head * stride_kh
         kt = tl.load(KC + k_off[None, :] + offs_d[:, None] * stride_kd,
@@ -111,13 +111,15 @@ def _paged_attention_kernel(
     out_rows = (q_start + tok).to(tl.int64)
     mask = r_valid[:, None] & d_valid[None, :]
     if NUM_SPLITS == 1:
-        o_ptrs = Out + out_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :] * stride_od
+        o_ptrs = (Out + out_rows[:, None] * stride_ot + head[:, None] * stride_oh
+                  + offs_d[None, :] * stride_od)
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
     else:
         # Partials are contiguous fp32: [T, Hq, NUM_SPLITS, D] and [T, Hq, NUM_SPLITS].
         num_heads = GROUP * (tl.num_programs(2) // NUM_SPLITS)
         part = (out_rows * num_heads + head) * NUM_SPLITS + split
         tl.store(PartOut + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=mask)
+        # log2-domain log-sum-exp of this split's scores; -inf when it saw no key
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(PartLse + part, lse, mask=r_valid)
 
@@ -202,9 +204,10 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
     else:
         part_out = part_lse = out  # unused
     _paged_attention_kernel[(tiles, batch, hk * splits)](
-        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens, cu_seqlens_q,
+        q, k_cache, v_cache, out, part_out, part_lse, block_tables, seq_lens.contiguous(),
+        cu_seqlens_q.contiguous(),
         scale * LOG2E, sliding_window or 0, k_cache.shape[1],
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), block_tables.stride(0),
+        *q.stride(), *k_cache.stride(), *v_cache.stride(), *out.stride(), *block_tables.stride(),
         GROUP=group, HEAD_DIM=d, BLOCK_D=triton.next_power_of_2(d), NUM_SPLITS=splits,
         HAS_WINDOW=sliding_window is not None, IEEE=q.dtype == torch.float32, **cfg)
     if splits > 1:

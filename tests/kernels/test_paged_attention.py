@@ -10,7 +10,8 @@ import torch
 
 import lepton_kernels
 
-from .test_flash_attention import check, make
+from .test_flash_attention import (  # noqa: F401 (autouse fixtures)
+    check, make, poison_new_tensors, single_thread)
 
 IMPLS = ["eager", "triton"]
 BLOCK_SIZE = 16
@@ -60,8 +61,11 @@ def run(impl, q, k_cache, v_cache, table, q_lens, seq_lens, **kwargs):
 
 
 # What the Triton interpreter runs by default; the whole grid runs under `pytest -m slow`.
-TRITON_FAST = {"decode-8:2-d80", "decode-7:1-d64-w8", "chunked_prefill-2:2-d80-w8",
-               "prefix_prefill-7:1-d80", "mixed-8:2-d64", "mixed-2:2-d80-w8"}
+TRITON_FAST = {
+    torch.float32: {"decode-8:2-d80", "decode-7:1-d64-w8", "chunked_prefill-2:2-d80-w8",
+                    "prefix_prefill-7:1-d80", "mixed-8:2-d64", "mixed-2:2-d80-w8"},
+    torch.float16: {"decode-7:1-d80", "chunked_prefill-8:2-d64", "mixed-2:2-d64-w8"},
+}
 
 
 def grid(dtype):
@@ -71,7 +75,7 @@ def grid(dtype):
                 for window in (None, 8):
                     name = f"{case}-{hq}:{hk}-d{d}{'' if window is None else f'-w{window}'}"
                     for impl in IMPLS:
-                        fast = impl == "eager" and dtype == torch.float32 or name in TRITON_FAST
+                        fast = impl == "eager" and dtype == torch.float32 or name in TRITON_FAST[dtype]
                         yield pytest.param(impl, case, hq, hk, d, window, id=f"{impl}-{name}",
                                            marks=() if fast else pytest.mark.slow)
 
@@ -92,16 +96,16 @@ def test_matches_contiguous_attention_fp16(impl, case, hq, hk, d, window):
     check(out, q, k, v, q_lens, seq_lens, True, sliding_window=window)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
-@pytest.mark.parametrize("splits", [2, 3])
-@pytest.mark.parametrize("case,hq,hk,d,window", [
-    ("decode", 8, 2, 80, None), ("mixed", 7, 1, 64, 8), ("prefix_prefill", 4, 4, 80, 20)])
-def test_triton_split_kv_matches(monkeypatch, dtype, splits, case, hq, hk, d, window):
+@pytest.mark.parametrize("case,hq,hk,d,window,splits,dtype", [
+    ("decode", 8, 2, 80, None, 3, "float32"), ("decode", 4, 1, 64, None, 2, "float16"),
+    ("mixed", 7, 1, 64, 8, 3, "float16"), ("prefix_prefill", 4, 4, 80, 20, 2, "float32")])
+def test_triton_split_kv_matches(monkeypatch, case, hq, hk, d, window, splits, dtype):
     """Flash-decoding: the key range of every program split in `splits` parts and merged."""
     from lepton_kernels.triton_kernels import paged_attention as kernel
     monkeypatch.setattr(kernel, "_num_splits", lambda *args: splits)
     q_lens, seq_lens = CASES[case]
-    q, k, v, k_cache, v_cache, table = paged_inputs(q_lens, seq_lens, hq, hk, d, dtype, seed=5)
+    q, k, v, k_cache, v_cache, table = paged_inputs(q_lens, seq_lens, hq, hk, d, getattr(torch, dtype),
+                                                    seed=5)
     out = run("triton", q, k_cache, v_cache, table, q_lens, seq_lens, sliding_window=window)
     check(out, q, k, v, q_lens, seq_lens, True, sliding_window=window)
 
@@ -115,6 +119,26 @@ def test_triton_splits_few_long_sequences_by_itself():
     q, k, v, k_cache, v_cache, table = paged_inputs(q_lens, seq_lens, 4, 1, 64, torch.float32)
     out = run("triton", q, k_cache, v_cache, table, q_lens, seq_lens)
     check(out, q, k, v, q_lens, seq_lens, True)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("window", [1, 2, 16, 17])
+def test_sliding_window_edges(impl, window):
+    # Windows that start exactly on, just before and just after a 16-key tile boundary.
+    q_lens, seq_lens = [20, 1, 3], [37, 34, 33]
+    q, k, v, k_cache, v_cache, table = paged_inputs(q_lens, seq_lens, 4, 2, 64, torch.float32, seed=6)
+    out = run(impl, q, k_cache, v_cache, table, q_lens, seq_lens, sliding_window=window)
+    check(out, q, k, v, q_lens, seq_lens, True, sliding_window=window)
+
+
+def test_unsupported_head_dim_falls_back_to_eager():
+    q, k, v, k_cache, v_cache, table = paged_inputs([1, 2], [5, 19], 2, 1, 59, torch.float32)
+    args = (q, k_cache, v_cache, table, torch.tensor([5, 19], dtype=torch.int32), cu([1, 2]), 2, 19)
+    assert lepton_kernels.paged_attention.select(*args) == "eager"
+    with lepton_kernels.use(paged_attention="triton"), pytest.raises(
+            lepton_kernels.KernelUnavailableError, match="head_dim 59"):
+        lepton_kernels.paged_attention(*args)
+    check(lepton_kernels.paged_attention(*args), q, k, v, [1, 2], [5, 19], True)
 
 
 @pytest.mark.gpu
