@@ -13,10 +13,12 @@ so the last query faces the last key (a decode step, a prefill after a cached pr
                    Hugging Face's sliding-window mask (kv_idx > q_idx - W, Mistral / Qwen2 /
                    Gemma) and flash-attn's window_size=(W-1, 0).
     causal=False:  every key is visible; with sliding_window=W, j visible iff |j - p_i| < W,
-                   flash-attn's window_size=(W-1, W-1) (what transformers passes it for
-                   bidirectional sliding windows).
-A query row that sees no key (Lq > Lk under causal alignment, p_i < 0) outputs zeros.
-Scores and softmax in float32 (or wider); the output has q's dtype and is a new tensor.
+                   flash-attn's window_size=(W-1, W-1) (what transformers passes flash-attn for
+                   bidirectional windows; its SDPA mask allows |j - p_i| <= W: pass W + 1).
+A query row that sees no key (p_i < 0 under causal alignment when Lq > Lk, or Lk == 0) outputs
+zeros. Scores and softmax in float32 (or wider); the output has q's dtype and is a new tensor.
+The eager path pads sequences of similar lengths into groups (see sequence_groups); the Triton
+kernel (triton_kernels/flash_attention.py) takes head_dim 64, 80, 96 and 128.
 """
 
 from __future__ import annotations

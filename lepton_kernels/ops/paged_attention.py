@@ -11,7 +11,9 @@ This is flash_attention(causal=True) on the sequence's cached K/V (bottom-right 
 the same GQA mapping (query head h reads kv head h // (Hq // Hk)), scale default 1/sqrt(D) and
 sliding window (keys p_i - W + 1 .. p_i, Hugging Face / Mistral semantics); see flash_attention.
 Decode is q_len_b == 1. Block-table entries past a sequence's last block are never read.
-Softmax in float32; the output is a new tensor in q's dtype.
+Softmax in float32; the output is a new tensor in q's dtype. The Triton kernel
+(triton_kernels/paged_attention.py) packs the query heads of a kv head into one program and
+splits long contexts across programs when the batch is small (flash-decoding).
 """
 
 from __future__ import annotations

@@ -1,0 +1,95 @@
+"""The paged KV cache: storage, a block allocator, and how big to make it.
+
+Per layer, K and V are [num_blocks, block_size, Hk, D]; a sequence owns a list of blocks (its
+block table) and its token at position p lives in slot block_table[p // block_size] * block_size
++ p % block_size. All layers share one allocation [L, 2, num_blocks, block_size, Hk, D], whose
+[l, 0] and [l, 1] slices are contiguous views handed to the attention layers.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+# CPU default: room for max_model_len tokens times this many sequences, at most this share of RAM.
+CPU_DEFAULT_SEQS = 4
+CPU_RAM_FRACTION = 0.2
+
+
+class KVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
+                 head_dim: int, dtype: torch.dtype, device: torch.device):
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
+                                dtype=dtype, device=device)
+
+    def bind(self, attention_layers: list) -> None:
+        """Give each attention layer its K and V views."""
+        if len(attention_layers) != self.data.shape[0]:
+            raise ValueError(f"the cache has {self.data.shape[0]} layers, the model "
+                             f"{len(attention_layers)} attention layers")
+        for layer, kv in zip(attention_layers, self.data):
+            layer.k_cache, layer.v_cache = kv[0], kv[1]
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
+                        dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
+
+
+class BlockAllocator:
+    """Free list of cache blocks. (Prefix sharing and reference counts come with the block manager.)"""
+
+    def __init__(self, num_blocks: int):
+        self.num_blocks = num_blocks
+        self._free = list(range(num_blocks - 1, -1, -1))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self._free)
+
+    def allocate(self, n: int) -> list[int]:
+        if n > len(self._free):
+            raise RuntimeError(f"KV cache out of blocks: {n} wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(n)]
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+
+
+def available_ram() -> int:
+    """Bytes of host memory available to new allocations (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def cpu_cache_bytes(max_model_len: int, max_num_seqs: int, bytes_per_token: int) -> int:
+    """The CPU default: max_model_len tokens for min(max_num_seqs, CPU_DEFAULT_SEQS) sequences,
+    capped at CPU_RAM_FRACTION of available RAM."""
+    wanted = max_model_len * min(max_num_seqs, CPU_DEFAULT_SEQS) * bytes_per_token
+    return min(wanted, int(available_ram() * CPU_RAM_FRACTION))
+
+
+def gpu_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_forward_bytes: int) -> int:
+    """What gpu_memory_utilization of the device leaves for the cache after the weights, the
+    profiled forward's peak activations, and memory held outside torch (other processes, CUDA
+    context): util * total - (total - free - reserved_by_torch) - peak_by_torch."""
+    free, total = torch.cuda.mem_get_info(device)
+    non_torch = total - free - torch.cuda.memory_reserved(device)
+    return int(total * gpu_memory_utilization - non_torch - peak_forward_bytes)
+
+
+def num_blocks_for(cache_bytes: int, bytes_per_block: int) -> int:
+    return max(0, cache_bytes // bytes_per_block)
+
+
+def blocks_needed(num_tokens: int, block_size: int) -> int:
+    return math.ceil(num_tokens / block_size)

@@ -1,0 +1,1 @@
+"""Model building blocks. Each layer calls lepton_kernels ops and nothing else for its math."""

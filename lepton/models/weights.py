@@ -1,0 +1,119 @@
+"""Checkpoint-name -> parameter mapping shared by the models.
+
+A model lists, for every tensor name of its Hugging Face checkpoint, where the tensor goes: a
+parameter, or a row range of a fused parameter (q/k/v -> qkv_proj), optionally transposed
+(GPT-2's Conv1D stores [in, out]). ``WeightMap.load`` copies tensors in (cast to the
+parameter's dtype and device by ``copy_``), and ``check_loaded`` names whatever is still missing.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+
+def require_config(config: dict, architecture: str, *keys: str) -> None:
+    """ValueError naming the config.json keys ``architecture`` needs but ``config`` lacks."""
+    missing = [k for k in keys if config.get(k) is None]
+    if missing:
+        raise ValueError(f"config.json of this {architecture} checkpoint lacks {', '.join(missing)}")
+
+
+@dataclass
+class _Target:
+    param: torch.Tensor
+    rows: slice | None = None      # None: the whole parameter
+    transpose: bool = False
+
+
+class WeightMap:
+    """Expected HF tensor names of one model and where each one goes.
+
+    ``prefixes``: optional leading parts of checkpoint names (``"model."``, ``"transformer."``)
+    that checkpoints of the bare base model lack; a name is looked up as given, then with each
+    prefix prepended. ``ignore``: regexes of buffers saved by some checkpoints that carry no
+    weights (rotary inv_freq, GPT-2's attention masks).
+    """
+
+    def __init__(self, prefixes: tuple[str, ...] = (), ignore: tuple[str, ...] = ()):
+        self.prefixes = prefixes
+        self.ignore = [re.compile(p) for p in ignore]
+        self.targets: dict[str, _Target] = {}
+        self.optional: set[str] = set()
+        self.loaded: set[str] = set()
+
+    def add(self, name: str, param: torch.Tensor, rows: slice | None = None, transpose: bool = False,
+            optional: bool = False) -> None:
+        """``optional``: load it when present, don't require it (a tied lm_head saved anyway)."""
+        self.targets[name] = _Target(param, rows, transpose)
+        if optional:
+            self.optional.add(name)
+
+    def expected_names(self) -> set[str]:
+        return set(self.targets) - self.optional
+
+    def _resolve(self, name: str) -> str | None:
+        for candidate in (name, *(p + name for p in self.prefixes)):
+            if candidate in self.targets:
+                return candidate
+        return None
+
+    def load(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy each (hf_name, tensor) into its parameter; returns the checkpoint names consumed."""
+        consumed, unexpected = set(), []
+        for name, tensor in weights:
+            key = self._resolve(name)
+            if key is None:
+                if not any(p.search(name) for p in self.ignore):
+                    unexpected.append(name)
+                continue
+            self._copy(name, self.targets[key], tensor)
+            self.loaded.add(key)
+            consumed.add(name)
+        if unexpected:
+            shown = ", ".join(sorted(unexpected)[:10]) + (" ..." if len(unexpected) > 10 else "")
+            raise ValueError(f"checkpoint has {len(unexpected)} tensor(s) this model does not use: {shown}")
+        return consumed
+
+    @staticmethod
+    def _copy(name: str, target: _Target, tensor: torch.Tensor) -> None:
+        if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
+            raise ValueError(f"checkpoint tensor {name!r} must be a floating-point tensor, got "
+                             f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        if target.transpose:
+            tensor = tensor.t()
+        dest = target.param.data if target.rows is None else target.param.data[target.rows]
+        if tuple(tensor.shape) != tuple(dest.shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(dest.shape)} (config.json does not match the weights?)")
+        with torch.no_grad():
+            dest.copy_(tensor)
+
+    def missing(self) -> list[str]:
+        return sorted(self.expected_names() - self.loaded)
+
+    def check_loaded(self) -> None:
+        """ValueError naming the checkpoint tensors that never arrived."""
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
+            raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+
+class MappedWeights:
+    """Mixin for models that describe their checkpoint with a :class:`WeightMap` in
+    ``self.weight_map``: the loader-facing methods of the model contract."""
+
+    weight_map: WeightMap
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        return self.weight_map.load(weights)
+
+    def expected_weight_names(self) -> set[str]:
+        return self.weight_map.expected_names()
+
+    def check_loaded(self) -> None:
+        self.weight_map.check_loaded()
