@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import SampleInput, register_op
 from ._backends import register_triton
@@ -89,6 +90,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                           max_seqlen_k, scale, sliding_window)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
+    if min(q_lens) == max(q_lens) == 1:  # one query per sequence: a decode step
+        return _decode(q, k_cache, v_cache, block_tables, seq_lens, k_lens, scale, sliding_window)
     _, block_size, hk, d = k_cache.shape
     out = torch.zeros_like(q)
     for group in sequence_groups(q_lens, k_lens):
@@ -107,6 +110,39 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
                                True, scale, sliding_window)
         out[q_tok[q_valid]] = res[q_valid].to(q.dtype)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+            seq_lens: torch.Tensor, k_lens: list[int], scale: float, sliding_window: int | None) -> torch.Tensor:
+    """The decode case (one query per sequence, at its last position) without grouping: gather the
+    first max(seq_lens) slots of every sequence at once and run one batched attention in which
+    the G query heads of a kv head are G query rows (GQA without repeating K/V)."""
+    b, hq, d = q.shape
+    _, block_size, hk, _ = k_cache.shape
+    max_len = max(k_lens)
+    pos = torch.arange(max_len, device=q.device)
+    slots = block_tables[:, pos // block_size].long() * block_size + pos % block_size   # [B, L]
+    visible = None
+    if min(k_lens) < max_len or (sliding_window is not None and sliding_window < max_len):
+        lens = seq_lens.long()[:, None]
+        visible = pos[None, :] < lens
+        if sliding_window is not None:
+            visible &= pos[None, :] > lens - 1 - sliding_window
+        # Table entries past a sequence's last block are never read: any valid slot stands in.
+        slots = slots.masked_fill(~visible, 0)
+    acc = torch.promote_types(q.dtype, torch.float32)
+    keys = k_cache.view(-1, hk, d)[slots].to(acc)                                  # [B, L, Hk, D]
+    values = v_cache.view(-1, hk, d)[slots].to(acc)
+    mask = None
+    if visible is not None:
+        # Masked slots may hold anything (even NaN in never-written memory): zero them, since the
+        # mask is added to the scores and 0 * NaN = NaN.
+        keys = keys.masked_fill(~visible[:, :, None, None], 0)
+        values = values.masked_fill(~visible[:, :, None, None], 0)
+        mask = visible[:, None, None, :]                                           # [B, 1, 1, L]
+    out = F.scaled_dot_product_attention(q.to(acc).view(b, hk, hq // hk, d), keys.transpose(1, 2),
+                                         values.transpose(1, 2), attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, d).to(q.dtype)
 
 
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
