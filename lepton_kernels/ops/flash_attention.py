@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..registry import SampleInput, register_op
 from ._backends import register_triton
@@ -127,18 +128,20 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: 
     mk, hk = k.shape[1], k.shape[2]
     group = hq // hk
     acc = torch.promote_types(q.dtype, torch.float32)
-    # [n, Hk, G, Mq, D] against [n, Hk, 1, Mk, D]: query heads of one kv head share K and V.
-    qh = q.to(acc).view(n, mq, hk, group, d).permute(0, 2, 3, 1, 4)
-    kh = k.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
     key_idx = torch.arange(mk, device=q.device)
-    # Padding keys get probability 0, but 0 * NaN is NaN: clear whatever the padding holds
-    # (a paged cache's unused slots are uninitialized memory).
-    v = v.masked_fill((key_idx[None, :] >= k_lens[:, None])[:, :, None, None], 0)
-    vh = v.to(acc).permute(0, 2, 1, 3).unsqueeze(2)
+    # Padding keys are masked, but the mask is added to the scores and 0 * NaN = NaN: clear
+    # whatever the padding holds (a paged cache's unused slots are uninitialized memory).
+    pad = (key_idx[None, :] >= k_lens[:, None])[:, :, None, None]
+    kh = k.masked_fill(pad, 0).to(acc).permute(0, 2, 1, 3)               # [n, Hk, Mk, D]
+    vh = v.masked_fill(pad, 0).to(acc).permute(0, 2, 1, 3)
+    # The G query heads of a kv head become G blocks of query rows against the same K/V
+    # (GQA without repeating K/V); they share one mask.
+    qh = q.to(acc).view(n, mq, hk, group, d).permute(0, 2, 3, 1, 4)    # [n, Hk, G, Mq, D]
     out = torch.empty(n, hk, group, mq, d, dtype=acc, device=q.device)
     chunk = max(1, _SCORE_BYTES // (4 * n * hq * max(mk, 1)))
     for i0 in range(0, mq, chunk):
         rows = torch.arange(i0, min(mq, i0 + chunk), device=q.device)
+        c = len(rows)
         pos = rows[None, :, None] + (k_lens - q_lens)[:, None, None]       # [n, C, 1] key position
         keys = key_idx[None, None, :]
         visible = (keys < k_lens[:, None, None]) & (rows[None, :, None] < q_lens[:, None, None])
@@ -148,14 +151,12 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: 
                 visible = visible & (keys > pos - sliding_window)
         elif sliding_window is not None:
             visible = visible & ((keys - pos).abs() < sliding_window)
-        scores = (qh[:, :, :, i0:i0 + len(rows)] @ kh.transpose(-1, -2)) * scale
-        scores = scores.masked_fill(~visible[:, None, None], float("-inf"))
-        row_max = scores.amax(dim=-1, keepdim=True)
-        row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)
-        probs = torch.exp(scores - row_max)
-        denom = probs.sum(dim=-1, keepdim=True)
-        probs = probs / torch.where(denom == 0, torch.ones_like(denom), denom)
-        out[:, :, :, i0:i0 + len(rows)] = probs @ vh
+        mask = visible[:, None].expand(n, group, c, mk).reshape(n, 1, group * c, mk)
+        res = F.scaled_dot_product_attention(qh[:, :, :, i0:i0 + c].reshape(n, hk, group * c, d),
+                                             kh, vh, attn_mask=mask, scale=scale)
+        # Rows that see no key (padding, or before the first key) are zeros, not softmax's NaN.
+        res = res.masked_fill(~mask.any(dim=-1, keepdim=True), 0)
+        out[:, :, :, i0:i0 + c] = res.view(n, hk, group, c, d)
     return out.permute(0, 3, 1, 2, 4).reshape(n, mq, hq, d)
 
 
