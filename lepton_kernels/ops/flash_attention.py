@@ -160,6 +160,12 @@ def attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_lens: 
     return out.permute(0, 3, 1, 2, 4).reshape(n, mq, hq, d)
 
 
+def gather_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[index] along dim 0 for an index of any shape; index_select copies whole rows, several
+    times faster than advanced indexing on CPU."""
+    return x.index_select(0, index.reshape(-1)).view(*index.shape, *x.shape[1:])
+
+
 def token_index(starts: list[int], lens: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
     """[n, max(lens)] flat indices starts[b] + i (clamped inside the sequence) and validity."""
     pos = torch.arange(max(lens), device=device)[None, :]
@@ -183,9 +189,10 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
         lq, lk = [q_lens[b] for b in group], [k_lens[b] for b in group]
         q_tok, q_valid = token_index([cu_q[b] for b in group], lq, q.device)
         k_tok, _ = token_index([cu_k[b] for b in group], lk, q.device)
-        res = attention_padded(q[q_tok], k[k_tok], v[k_tok], torch.tensor(lq, device=q.device),
+        res = attention_padded(gather_rows(q, q_tok), gather_rows(k, k_tok), gather_rows(v, k_tok),
+                               torch.tensor(lq, device=q.device),
                                torch.tensor(lk, device=q.device), causal, scale, sliding_window)
-        out[q_tok[q_valid]] = res[q_valid].to(q.dtype)
+        out.index_copy_(0, q_tok[q_valid], res[q_valid].to(q.dtype))
     return out
 
 

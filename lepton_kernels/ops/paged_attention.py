@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from ..registry import SampleInput, register_op
 from ._backends import register_triton
 from ._checks import check_same, check_same_device, check_tensor, randn
-from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args,
+from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args, gather_rows,
                               sequence_groups, token_index, triton_supports)
 
 
@@ -104,11 +104,11 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
         table = block_tables[idx, :n_blocks].long()
         live = torch.arange(n_blocks, device=q.device)[None, :] * block_size < k_len[:, None]
         table = torch.where(live, table, torch.zeros_like(table))
-        keys = k_cache[table].reshape(len(group), n_blocks * block_size, hk, d)
-        values = v_cache[table].reshape(len(group), n_blocks * block_size, hk, d)
-        res = attention_padded(q[q_tok], keys, values, torch.tensor(lq, device=q.device), k_len,
+        keys = gather_rows(k_cache, table).reshape(len(group), n_blocks * block_size, hk, d)
+        values = gather_rows(v_cache, table).reshape(len(group), n_blocks * block_size, hk, d)
+        res = attention_padded(gather_rows(q, q_tok), keys, values, torch.tensor(lq, device=q.device), k_len,
                                True, scale, sliding_window)
-        out[q_tok[q_valid]] = res[q_valid].to(q.dtype)
+        out.index_copy_(0, q_tok[q_valid], res[q_valid].to(q.dtype))
     return out
 
 
@@ -131,8 +131,10 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         # Table entries past a sequence's last block are never read: any valid slot stands in.
         slots = slots.masked_fill(~visible, 0)
     acc = torch.promote_types(q.dtype, torch.float32)
-    keys = k_cache.view(-1, hk, d)[slots].to(acc)                                  # [B, L, Hk, D]
-    values = v_cache.view(-1, hk, d)[slots].to(acc)
+    # index_select copies whole rows; advanced indexing is several times slower on CPU.
+    flat = slots.view(-1)
+    keys = k_cache.view(-1, hk * d).index_select(0, flat).view(b, -1, hk, d).to(acc)    # [B, L, Hk, D]
+    values = v_cache.view(-1, hk * d).index_select(0, flat).view(b, -1, hk, d).to(acc)
     mask = None
     if visible is not None:
         # Masked slots may hold anything (even NaN in never-written memory): zero them, since the
