@@ -53,6 +53,8 @@ def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
     else:
         x1, x2 = rot[..., 0::2], rot[..., 1::2]
         rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    if rot_dim == x.shape[-1]:
+        return rotated.to(x.dtype)
     return torch.cat((rotated.to(x.dtype), x[..., rot_dim:]), dim=-1)
 
 
@@ -61,7 +63,11 @@ def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     """positions[T] int, q[T,Hq,D], k[T,Hk,D], cos_sin_cache[max_pos, rot_dim] -> (q', k')."""
     _check(positions, q, k, cos_sin_cache, is_neox)
     cos, sin = cos_sin_cache.index_select(0, positions).float().unsqueeze(1).chunk(2, dim=-1)
-    return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+    if q.dtype != k.dtype:
+        return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
+    # One pass over the heads of q and k together: half the (small, launch-bound) CPU ops.
+    qk = _rotate(torch.cat((q, k), dim=1), cos, sin, is_neox)
+    return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
 
 
 def build_cos_sin_cache(max_position: int, rot_dim: int, base: float = 10000.0,
