@@ -13,6 +13,7 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import threading
 
 import torch
 
@@ -70,6 +71,9 @@ class Engine(TasksMixin):
         self.eos_token_ids = setup.eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
         self._rng = torch.Generator().manual_seed(cfg.seed)
         self._request_counter = itertools.count()
+        # One batch owns the KV cache at a time: concurrent generate() calls from several threads
+        # queue here (continuous batching of independent callers comes with the scheduler).
+        self._generate_lock = threading.Lock()
 
     def _init_kv_cache(self) -> None:
         num_blocks, self.max_model_len = setup.plan_kv_cache(self.config, self.runner, self.model,
@@ -106,7 +110,8 @@ class Engine(TasksMixin):
                  ) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt."""
         self._require_generative("generate")
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
+                                        and isinstance(prompts[0], int)):
             prompts = [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError("prompts must be a non-empty string, token-id list, or list of those")
@@ -148,10 +153,11 @@ class Engine(TasksMixin):
                 for i, (tokens, p) in enumerate(zip(ids, params)) for k in range(p.n)]
         detok = None if self.tokenizer is None else (
             lambda t, skip: self.tokenizer.decode(t, skip_special_tokens=skip))
-        BatchGenerator(self.runner, self.allocator, max_num_seqs=self.config.max_num_seqs,
-                       max_num_batched_tokens=self.config.max_num_batched_tokens,
-                       max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
-                       detokenize=detok).run(seqs)
+        with self._generate_lock:
+            BatchGenerator(self.runner, self.allocator, max_num_seqs=self.config.max_num_seqs,
+                           max_num_batched_tokens=self.config.max_num_batched_tokens,
+                           max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
+                           detokenize=detok).run(seqs)
         outputs = [RequestOutput(str(next(self._request_counter)), texts[i], ids[i]) for i in range(len(ids))]
         for seq in seqs:
             outputs[seq.request_index].outputs.append(self._completion(seq))

@@ -25,7 +25,8 @@ import torch
 from . import models
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-HUB_PATTERNS = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "1_Pooling/*", "2_Normalize/*"]
+# Config, tokenizer and sentence-transformers files; weights are chosen after the index is read.
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "1_Pooling/*", "2_Normalize/*"]
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 _CONVERT_HINT = (
     "Convert it once, in an environment you trust, with transformers: "
@@ -54,13 +55,30 @@ def _download(repo_id: str) -> Path:
 
     offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        # Only the weights the loader reads: the index's shards, else model.safetensors, else any
+        # safetensors (some repos ship the same weights twice, e.g. consolidated + sharded).
+        for weights in (_indexed_shards(folder), ["model.safetensors"], ["*.safetensors"]):
+            if weights:
+                folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + weights,
+                                                local_files_only=offline))
+                if any(folder.glob("*.safetensors")):
+                    break
+        return folder
     except Exception as err:  # the hub raises many types; all mean "not available"
         where = ("is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline
                  else "could not be fetched from the Hugging Face hub")
         raise FileNotFoundError(f"model {repo_id!r} is not a local folder and {where} "
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
                                 ) from None
+
+
+def _indexed_shards(folder: Path) -> list[str]:
+    try:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
 
 
 def read_config(path: Path) -> dict:

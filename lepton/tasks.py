@@ -47,7 +47,7 @@ class Batch:
 
 
 def _is_token_ids(value) -> bool:
-    return isinstance(value, list) and bool(value) and all(
+    return isinstance(value, (list, tuple)) and bool(value) and all(
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
@@ -68,7 +68,7 @@ class TasksMixin:
                     raise ValueError("this model folder has no tokenizer: pass token ids instead of text")
                 tokens, token_types = encode(self.tokenizer, item)
                 texts.append(item)
-            elif isinstance(item, list):
+            elif isinstance(item, (list, tuple)):
                 tokens, token_types = list(item), None
                 texts.append(None)
             else:

@@ -16,8 +16,8 @@ def load_tokenizer(path: Path):
 
     try:
         return AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"cannot load the tokenizer of {path}: {err}") from None
+    except Exception as err:  # transformers raises many types for a malformed folder
+        raise ValueError(f"cannot load the tokenizer of {path}: {type(err).__name__}: {err}") from None
 
 
 def encode(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int] | None]:

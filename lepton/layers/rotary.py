@@ -43,6 +43,18 @@ def rope_parameters(config: dict) -> dict:
     return params
 
 
+def rope_max_positions(max_position_embeddings: int, params: dict) -> int:
+    """Longest sequence a RoPE variant serves (vLLM's rule): yarn original_max_position_embeddings
+    x factor, linear and dynamic max_position_embeddings x factor; llama3 and default configs
+    already state their full length."""
+    factor = float(params.get("factor") or 1.0)
+    if params["rope_type"] == "yarn":
+        return max(max_position_embeddings, int(params["original_max_position_embeddings"] * factor))
+    if params["rope_type"] in ("linear", "dynamic"):
+        return int(max_position_embeddings * factor)
+    return max_position_embeddings
+
+
 def _require(params: dict, *keys: str) -> None:
     missing = [k for k in keys if params.get(k) is None]
     if missing:
@@ -128,7 +140,7 @@ def build_rope_table(params: dict, rotary_dim: int, max_position: int) -> torch.
         inv_freq = _llama3_inv_freq(params, rotary_dim)
     else:
         inv_freq, scale = _yarn_inv_freq(params, rotary_dim)
-    table = build_cos_sin_cache(max_position, rotary_dim, inv_freq=inv_freq)
+    table = build_cos_sin_cache(rope_max_positions(max_position, params), rotary_dim, inv_freq=inv_freq)
     return table * scale if scale != 1.0 else table
 
 

@@ -23,7 +23,7 @@ from ..layers.activation import gated_activation
 from ..layers.attention import Attention, AttentionMetadata
 from ..layers.linear import Linear
 from ..layers.norm import RMSNorm
-from ..layers.rotary import RotaryEmbedding, rope_parameters
+from ..layers.rotary import RotaryEmbedding, rope_max_positions, rope_parameters
 from .weights import MappedWeights, WeightMap, require_config
 
 _IGNORED = (r"rotary_emb\.inv_freq$",)
@@ -117,15 +117,16 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
         hidden = config["hidden_size"]
         self.vocab_size = config["vocab_size"]
         self.num_layers = config["num_hidden_layers"]
-        self.max_position_embeddings = config["max_position_embeddings"]
+        rope = rope_parameters(config)
+        # Scaled RoPE (yarn, linear, dynamic) serves longer sequences than the checkpoint states.
+        self.max_position_embeddings = rope_max_positions(config["max_position_embeddings"], rope)
         windows = _layer_windows(config)
         # The cache can only be trimmed to a window when every layer slides.
         self.sliding_window = windows[0] if windows and None not in windows and len(set(windows)) == 1 else None
         self.embed_tokens = nn.Parameter(torch.empty(self.vocab_size, hidden, dtype=dtype, device=device),
                                          requires_grad=False)
         head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
-        self.rotary_emb = RotaryEmbedding(head_dim, self.max_position_embeddings, rope_parameters(config),
-                                          True, dtype, device)
+        self.rotary_emb = RotaryEmbedding(head_dim, config["max_position_embeddings"], rope, True, dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, w, dtype, device) for w in windows)
         self.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype, device)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))

@@ -158,6 +158,7 @@ SAMPLING_ARGS = [
     (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"),
     (dict(logprobs=-1), "logprobs"), (dict(n=0), "n must"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(ignore_eos="no"), "ignore_eos"),
+    (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
 ]
 
 
@@ -199,3 +200,45 @@ def test_chat_without_template_and_tasks_the_model_lacks(tmp_path_factory, engin
         bert.classify(TEXTS, labels="animals")
     with pytest.raises(ValueError, match="not among the model's labels"):
         engine_for("bertforsequenceclassification").classify(TEXTS, labels=["maybe"])
+
+
+def test_token_id_tuples_are_prompts(engine_for):
+    engine = engine_for("llama")
+    params = SamplingParams(temperature=0, max_tokens=4)
+    as_list = engine.generate([5, 9, 13], params)[0].outputs[0].token_ids
+    assert engine.generate((5, 9, 13), params)[0].outputs[0].token_ids == as_list
+    assert torch.equal(engine.forward((5, 9, 13))["logits"], engine.forward([5, 9, 13])["logits"])
+
+
+def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
+    """Threads calling generate on one engine whose cache holds one batch at a time: each call
+    gets the tokens it would get alone, and no block is lost."""
+    import threading
+
+    from lepton.kv_cache import KVCache
+
+    path = checkpoint(tmp_path_factory, "llama")
+    probe = Engine(path, device="cpu", max_model_len=64)
+    m = probe.model
+    per_block = KVCache.bytes_per_block(m.num_layers, 16, m.num_kv_heads, m.head_dim, probe.dtype)
+    # Four blocks: one call's two sequences of up to 64 tokens, never two calls at once.
+    engine = Engine(path, device="cpu", max_model_len=64, kv_cache_memory=4 * per_block)
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [[[5 + i] * 5] * 2 for i in range(3)]
+    alone = [[o.outputs[0].token_ids for o in engine.generate(p, params)] for p in prompts]
+    results, errors = {}, []
+
+    def work(i):
+        try:
+            results[i] = [o.outputs[0].token_ids for o in engine.generate(prompts[i], params)]
+        except Exception as err:  # surfaced through the assert below
+            errors.append(repr(err))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [results[i] for i in range(3)] == alone
+    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks

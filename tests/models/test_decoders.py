@@ -16,7 +16,7 @@ import lepton_kernels as lk
 from lepton.layers.attention import AttentionMetadata
 from lepton.models import get_model_class
 
-from .conftest import load_hf_model
+from .conftest import load_hf_model, make_checkpoint
 
 LLAMA3 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
               original_max_position_embeddings=32)
@@ -240,7 +240,8 @@ def test_rope_table_matches_transformers_token_by_token(rope):
     config = dict(hidden_size=256, num_attention_heads=4, max_position_embeddings=16, rope_theta=10000.0)
     table = build_rope_table(rope_parameters(dict(config, rope_scaling=dict(rope))), 64, 16)
     hf_rope = LlamaRotaryEmbedding(LlamaConfig(**config, rope_parameters=dict(rope, rope_theta=10000.0)))
-    assert table.shape[0] == (32 if rope["rope_type"] == "dynamic" else 16)
+    # dynamic and yarn extend the table past max_position_embeddings (16): 2 x 16 and 4 x 8 rows
+    assert table.shape[0] == {"dynamic": 32, "yarn": 32, "llama3": 16}[rope["rope_type"]]
     x = torch.zeros(1, dtype=torch.float32)
     for p in range(table.shape[0]):
         cos, sin = hf_rope(x, torch.tensor([[p]]))
@@ -283,3 +284,20 @@ def test_bad_config_raises(tiny_checkpoint, arch, change, message):
     config.update(change)
     with pytest.raises(ValueError, match=message):
         get_model_class(config["architectures"][0]).from_config(config, torch.float32, "cpu")
+
+
+@pytest.mark.parametrize("rope,limit", [(dict(rope_type="yarn", factor=4.0, original_max_position_embeddings=64), 256),
+                                        (dict(rope_type="dynamic", factor=2.0), 256),
+                                        (dict(rope_type="linear", factor=2.0), 256),
+                                        (dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                              high_freq_factor=4.0, original_max_position_embeddings=16), 128)])
+def test_scaled_rope_extends_the_engine_context(tmp_path, rope, limit):
+    """vLLM's rule for the usable context of scaled RoPE, and the rotary table covers all of it."""
+    from lepton.engine import Engine
+
+    path = make_checkpoint(tmp_path, "llama", max_position_embeddings=128, rope_parameters=dict(rope, rope_theta=1e4))
+    engine = Engine(path, device="cpu")
+    assert engine.max_model_len == limit
+    assert engine.model.rotary_emb.max_position >= limit
+    with pytest.raises(ValueError, match="max_model_len"):
+        Engine(path, device="cpu", max_model_len=limit + 1)
