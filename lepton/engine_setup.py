@@ -13,6 +13,7 @@ from .config import EngineConfig, model_max_len, resolve_dtype
 from .kv_cache import KVCache, blocks_needed, cpu_cache_bytes, gpu_cache_bytes
 from .layers.linear import Linear
 from .pooling import Pooler
+from .sampling import SamplingParams, sample
 from .tasks import decoder_pooler
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,14 @@ def resolve_max_model_len(cfg: EngineConfig, hf_config: dict, model, path: Path)
     return min(candidates) if candidates else DEFAULT_MAX_MODEL_LEN
 
 
+def _worst_case_sampling(logits: torch.Tensor) -> None:
+    """The sampler's heaviest path (top-k + top-p sort, per-row generators, top logprobs) on every
+    row, so its [B, V] temporaries are part of the profiled peak."""
+    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=5)] * logits.shape[0]
+    generators = [torch.Generator(device=logits.device).manual_seed(0) for _ in params]
+    sample(logits, params, generators)
+
+
 def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_model_len: int
                   ) -> tuple[int, int]:
     """(num_blocks, max_model_len). The cache must hold one max_model_len sequence; when it cannot
@@ -64,7 +73,8 @@ def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_mode
     if cfg.kv_cache_memory is not None:
         budget, source = cfg.kv_cache_memory, f"kv_cache_memory={cfg.kv_cache_memory}"
     elif cfg.device.type == "cuda":
-        peak = runner.profile_peak_memory(cfg.max_num_batched_tokens, max_model_len, cfg.max_num_seqs)
+        peak = runner.profile_peak_memory(cfg.max_num_batched_tokens, max_model_len, cfg.max_num_seqs,
+                                          _worst_case_sampling)
         budget = gpu_cache_bytes(cfg.device, cfg.gpu_memory_utilization, peak)
         source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
     else:

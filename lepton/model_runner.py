@@ -101,15 +101,20 @@ class ModelRunner:
         return hidden, meta.cu_seqlens_q
 
     @torch.inference_mode()
-    def profile_peak_memory(self, num_tokens: int, max_len: int, num_logits: int) -> int:
+    def profile_peak_memory(self, num_tokens: int, max_len: int, num_logits: int,
+                            consume_logits=None) -> int:
         """GPU: peak bytes torch allocates for weights + a forward of ``num_tokens`` dummy tokens
-        (sequences of at most ``max_len``) + logits of ``num_logits`` rows."""
+        (sequences of at most ``max_len``) + logits of ``num_logits`` rows, passed to
+        ``consume_logits`` (the sampler, whose [B, V] temporaries count too) when given."""
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(self.device)
         lens = [max_len] * (num_tokens // max_len) + ([num_tokens % max_len] if num_tokens % max_len else [])
         hidden, _ = self.encode([[0] * n for n in lens])
         if hasattr(self.model, "compute_logits"):
-            self.model.compute_logits(hidden[:num_logits])
+            rows = hidden[torch.arange(num_logits, device=hidden.device) % hidden.shape[0]]
+            logits = self.model.compute_logits(rows)
+            if consume_logits is not None:
+                consume_logits(logits)
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device)
         del hidden

@@ -242,3 +242,18 @@ def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
     assert not errors
     assert [results[i] for i in range(3)] == alone
     assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+
+
+def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):
+    """The profiled peak (GPU cache sizing) covers forward, logits and the sampler's worst path;
+    run here with torch.cuda's memory calls stubbed, since this machine has no GPU."""
+    from lepton import engine_setup
+
+    engine = engine_for("llama")
+    for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):
+        monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
+    seen = []
+    peak = engine.runner.profile_peak_memory(
+        24, 16, 40, lambda logits: (seen.append(logits.shape), engine_setup._worst_case_sampling(logits)))
+    assert peak == 123 and seen == [(40, engine.vocab_size)]
