@@ -12,7 +12,11 @@ dtype) and accumulate in float32.
   so a W tile is reused from L2 by neighbouring programs.
 
 int4 kernels use BLOCK_K <= group_size, so a K tile lies in one group: one scale and one zero
-point per output row and tile, and K (a multiple of group_size) needs no mask.
+point per output row and tile, and K (a multiple of group_size) needs no mask. Each packed int32
+word is loaded once per tile (a [BLOCK_N, BLOCK_K/8] tile of words, not one address per nibble,
+which cost 8x the 64-bit pointers and spilled registers): the decode kernel walks the 8 nibble
+planes j = 0..7 (inputs 8i + j) against strided slices of x; the tiled kernel expands the words
+to [BLOCK_K/8, 8, BLOCK_N] nibbles and reshapes that to the [BLOCK_K, BLOCK_N] dot operand.
 """
 
 from __future__ import annotations
@@ -27,33 +31,30 @@ from ..ops.quant_matmul import _check
 
 
 @triton.jit
-def _dequant_tile(qw_ptr, s_ptr, z_ptr, n2, k2, k0, mask, N,
-                  stride_qn, stride_qk, stride_sn, stride_sk, stride_zn, stride_zk,
-                  BITS: tl.constexpr, GROUP_SIZE: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    """The weight tile at output rows n2 and inputs k2 (broadcast index tensors that give the
-    tile its shape and orientation; mask covers the tile), dequantized in float32 and rounded
-    to OUT_DTYPE."""
-    n_ok = n2 < N  # per-row values are loaded once per row and broadcast over the tile
-    if BITS == 8:
-        # qweight int8 [N, K]; scales float32 [N]
-        q = tl.load(qw_ptr + n2 * stride_qn + k2 * stride_qk, mask=mask, other=0)
-        s = tl.load(s_ptr + n2 * stride_sn, mask=n_ok, other=0.0)
-        w = q.to(tl.float32) * s
-    else:
-        # qweight int32 [N, K/8]: nibble (k % 8) of word k // 8; scales, zeros [N, K/GROUP_SIZE]
-        word = tl.load(qw_ptr + n2 * stride_qn + (k2 // 8) * stride_qk, mask=mask, other=0)
-        q = (word >> ((k2 % 8) * 4)) & 0xF
-        group = k0 // GROUP_SIZE
-        s = tl.load(s_ptr + n2 * stride_sn + group * stride_sk, mask=n_ok, other=0.0)
-        z = tl.load(z_ptr + n2 * stride_zn + group * stride_zk, mask=n_ok, other=0)
-        w = (q.to(tl.float32) - z.to(tl.float32)) * s
-    return w.to(OUT_DTYPE)
+def _dequant_int8_tile(qw_ptr, s_ptr, n2, k2, mask, N, stride_qn, stride_qk, stride_sn,
+                       OUT_DTYPE: tl.constexpr):
+    """The int8 weight tile at output rows n2 and inputs k2 (broadcast index tensors that give
+    the tile its shape and orientation; mask covers the tile), dequantized in float32 and
+    rounded to OUT_DTYPE. qweight int8 [N, K]; scales float32 [N], one load per row."""
+    q = tl.load(qw_ptr + n2 * stride_qn + k2 * stride_qk, mask=mask, other=0)
+    s = tl.load(s_ptr + n2 * stride_sn, mask=n2 < N, other=0.0)
+    return (q.to(tl.float32) * s).to(OUT_DTYPE)
+
+
+@triton.jit
+def _int4_row_params(s_ptr, z_ptr, offs_n, k0, mask_n, stride_sn, stride_sk, stride_zn, stride_zk,
+                     GROUP_SIZE: tl.constexpr):
+    """Scale and zero point (float32, [BLOCK_N]) of the group holding inputs k0.. of each row."""
+    group = k0 // GROUP_SIZE
+    s = tl.load(s_ptr + offs_n * stride_sn + group * stride_sk, mask=mask_n, other=0.0)
+    z = tl.load(z_ptr + offs_n * stride_zn + group * stride_zk, mask=mask_n, other=0)
+    return s, z.to(tl.float32)
 
 
 @triton.jit
 def _gemv_kernel(
     x_ptr,                        # [M, K], strides (stride_xm, stride_xk)
-    qw_ptr, s_ptr, z_ptr,         # packed weight, scales, zero points (see _dequant_tile)
+    qw_ptr, s_ptr, z_ptr,         # packed weight, scales, zero points (ops/quantize.py)
     bias_ptr,                     # [N] (read when HAS_BIAS)
     out_ptr,                      # [SPLIT, M, N]: y when SPLIT == 1, else float32 partial sums
     M, N, K, K_PER_SPLIT,         # K_PER_SPLIT: inputs per split, a multiple of BLOCK_K
@@ -72,16 +73,33 @@ def _gemv_kernel(
     k_start = pid_k * K_PER_SPLIT
     k_end = tl.minimum(k_start + K_PER_SPLIT, K)
     for k0 in range(k_start, k_end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[:, None], offs_k[None, :], k0,
-                          mask_n[:, None] & mask_k[None, :], N,
-                          stride_qn, stride_qk, stride_sn, stride_sk, stride_zn, stride_zk,
-                          BITS, GROUP_SIZE, x_ptr.dtype.element_ty)        # [BLOCK_N, BLOCK_K]
-        prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
-        acc += tl.sum(prod, axis=2)
+        if BITS == 8:
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            w = _dequant_int8_tile(qw_ptr, s_ptr, offs_n[:, None], offs_k[None, :],
+                                   mask_n[:, None] & mask_k[None, :], N, stride_qn, stride_qk,
+                                   stride_sn, x_ptr.dtype.element_ty)      # [BLOCK_N, BLOCK_K]
+            prod = x.to(tl.float32)[:, None, :] * w.to(tl.float32)[None, :, :]
+            acc += tl.sum(prod, axis=2)
+        else:
+            # Each int32 word is loaded once: words [BLOCK_N, BLOCK_K/8]. Nibble plane j holds
+            # inputs k0 + 8 i + j, matched by a stride-8 slice of x. K tiles need no mask.
+            offs_i = tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + offs_n[:, None] * stride_qn
+                            + (k0 // 8 + offs_i)[None, :] * stride_qk,
+                            mask=mask_n[:, None], other=0)
+            sc, zp = _int4_row_params(s_ptr, z_ptr, offs_n, k0, mask_n,
+                                      stride_sn, stride_sk, stride_zn, stride_zk, GROUP_SIZE)
+            x_row = x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_i * 8)[None, :] * stride_xk
+            for j in tl.static_range(8):
+                q = (words >> (j * 4)) & 0xF                                    # [BN, BK/8]
+                w = (q.to(tl.float32) - zp[:, None]) * sc[:, None]
+                w = w.to(x_ptr.dtype.element_ty).to(tl.float32)
+                x = tl.load(x_row + j * stride_xk, mask=mask_m[:, None], other=0.0)  # [BM, BK/8]
+                prod = x.to(tl.float32)[:, None, :] * w[None, :, :]             # [BM, BN, BK/8]
+                acc += tl.sum(prod, axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     out = out_ptr + pid_k * stride_os + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on
@@ -118,10 +136,22 @@ def _tiled_kernel(
         mask_k = offs_k < K
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)           # [BM, BK]
-        w = _dequant_tile(qw_ptr, s_ptr, z_ptr, offs_n[None, :], offs_k[:, None], k0,
-                          mask_k[:, None] & mask_n[None, :], N,
-                          stride_qn, stride_qk, stride_sn, stride_sk, stride_zn, stride_zk,
-                          BITS, GROUP_SIZE, x_ptr.dtype.element_ty)             # [BK, BN]
+        if BITS == 8:
+            w = _dequant_int8_tile(qw_ptr, s_ptr, offs_n[None, :], offs_k[:, None],
+                                   mask_k[:, None] & mask_n[None, :], N, stride_qn, stride_qk,
+                                   stride_sn, x_ptr.dtype.element_ty)           # [BK, BN]
+        else:
+            # words [BLOCK_K/8, BLOCK_N], each loaded once, expanded to [BK/8, 8, BN] nibbles and
+            # reshaped (row-major: input k0 + 8 i + j) to the [BK, BN] operand.
+            offs_i = tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + offs_n[None, :] * stride_qn
+                            + (k0 // 8 + offs_i)[:, None] * stride_qk,
+                            mask=mask_n[None, :], other=0)
+            q = (words[:, None, :] >> (tl.arange(0, 8) * 4)[None, :, None]) & 0xF
+            sc, zp = _int4_row_params(s_ptr, z_ptr, offs_n, k0, mask_n,
+                                      stride_sn, stride_sk, stride_zn, stride_zk, GROUP_SIZE)
+            w = (q.to(tl.float32) - zp[None, None, :]) * sc[None, None, :]
+            w = tl.reshape(w.to(x_ptr.dtype.element_ty), (BLOCK_K, BLOCK_N))
         acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -178,8 +208,8 @@ def _tiled_config(m: int, n: int, bits: int, group_size: int | None,
         block_k = min(block_k, group_size)
     big = block_m * block_n >= 128 * 128
     # One pipeline stage holds an x tile and the raw weight loads: int8 bytes, or for int4 the
-    # int32 word of each element (each word is loaded once per nibble; the repeats hit L1).
-    stage = block_m * block_k * dtype.itemsize + block_k * block_n * (1 if bits == 8 else 4)
+    # packed int32 words (half a byte per element, each word loaded once).
+    stage = block_m * block_k * dtype.itemsize + block_k * block_n * (2 if bits == 8 else 1) // 2
     stages = max(2, min(4, _shared_memory_budget(device) // stage))
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8,
                 num_warps=8 if big else 4, num_stages=stages)
