@@ -178,12 +178,13 @@ def goals(rows: list[dict]) -> list[str]:
             fast = [r for r in fast if int(r["case"].split("_M")[1].split("_")[0]) <= 16]
             metric = "speedup"
         values = [r.get(metric, 0.0) for r in fast]
+        name = f"{op} {prefix or '(all cases)'}"
         if not values:
-            lines.append(f"- {op} {prefix}: no measurement")
+            lines.append(f"- {name}: no triton/ext measurement")
             continue
         worst = min(values)
         verdict = "met" if worst >= threshold else "missed"
-        lines.append(f"- {op} {prefix or '(all)'}: worst {metric} {worst:.2f} vs goal {threshold} -> {verdict}")
+        lines.append(f"- {name}: worst {metric} {worst:.2f} vs goal {threshold} -> {verdict}")
     return lines
 
 
