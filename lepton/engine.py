@@ -21,6 +21,7 @@ from . import engine_setup as setup
 from .config import EngineConfig
 from .generation import BatchGenerator
 from .kv_cache import BlockAllocator
+from .layers.linear import prepack_model
 from .loader import load_model, read_config, resolve_model_path
 from .model_runner import ModelRunner
 from .outputs import CompletionOutput, Logprob, RequestOutput
@@ -59,6 +60,8 @@ class Engine(TasksMixin):
         self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
         if cfg.quantization is not None:
             setup.quantize_model(self.model, cfg.quantization)
+        if self.device.type == "cpu" and self.dtype == torch.float32:
+            prepack_model(self.model)   # oneDNN weight layouts for the CPU matmuls
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = int(getattr(self.model, "vocab_size", None) or self.hf_config["vocab_size"])
         self.max_model_len = setup.resolve_max_model_len(cfg, self.hf_config, self.model, self.model_path)

@@ -84,6 +84,7 @@ class GPT2LMHeadModel(MappedWeights, nn.Module):
         self.h = nn.ModuleList(GPT2Block(config, i, dtype, device) for i in range(self.num_layers))
         self.ln_f = LayerNorm(hidden, config.get("layer_norm_epsilon", 1e-5), dtype=dtype, device=device)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", True))
+        self.lm_head_packed = None   # set by layers.linear.prepack_model on CPU
         self.lm_head = self.wte if self.tie_word_embeddings else param(self.vocab_size, hidden)
         self.num_kv_heads, self.head_dim = self.h[0].attn.num_heads, self.h[0].attn.head_dim
         self.weight_map = self._build_weight_map()
@@ -121,4 +122,6 @@ class GPT2LMHeadModel(MappedWeights, nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None:                                 # CPU, see layers/linear.py
+            return self.lm_head_packed(hidden).float()
         return F.linear(hidden, self.lm_head).float()                      # [N, V]

@@ -130,6 +130,7 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, w, dtype, device) for w in windows)
         self.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype, device)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
+        self.lm_head_packed = None   # set by layers.linear.prepack_model on CPU
         self.lm_head = self.embed_tokens if self.tie_word_embeddings else nn.Parameter(
             torch.empty(self.vocab_size, hidden, dtype=dtype, device=device), requires_grad=False)
         attn = self.layers[0].self_attn
@@ -177,4 +178,6 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        if self.lm_head_packed is not None:                                 # CPU, see layers/linear.py
+            return self.lm_head_packed(hidden).float()
         return F.linear(hidden, self.lm_head).float()                      # [N, V]
