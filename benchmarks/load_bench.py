@@ -73,6 +73,10 @@ def child(loader: str, folder: str, dtype_name: str) -> None:
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
     done = time.perf_counter()
     params = sum(p.numel() for p in model.parameters())
+    # On a CPU in float32 lepton holds its matmul weights prepacked (oneDNN), outside parameters().
+    packed = [m.packed for m in model.modules() if getattr(m, "packed", None) is not None]
+    packed += [h for h in [getattr(model, "lm_head_packed", None)] if h is not None]
+    params += sum(p.out_features * p.in_features for p in packed)
     print(json.dumps({"loader": loader, "load_s": round(done - imported, 2), "import_s": round(imported - start, 2),
                       "peak_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2, 2),
                       "params": params}))

@@ -98,7 +98,13 @@ def prepack_linears(model: nn.Module) -> int:
 def prepack_model(model: nn.Module) -> int:
     """prepack_linears(model), plus the LM head of a decoder (``model.lm_head``, used by
     compute_logits through ``model.lm_head_packed``). A tied head keeps its dense tensor, which the
-    embedding lookup still reads; an untied one is dropped. Returns how many matmuls were packed."""
+    embedding lookup still reads; an untied one is dropped. Call it after loading: it releases the
+    model's checkpoint map. Returns how many matmuls were packed."""
+    if onednn_available() and getattr(model, "weight_map", None) is not None:
+        # The checkpoint map references every dense weight: release it first, so each dense
+        # weight is freed as soon as its packed copy exists (peak memory: one extra matmul).
+        # A packed model cannot load weights again.
+        model.weight_map = None
     count = prepack_linears(model)
     head = getattr(model, "lm_head", None)
     if (isinstance(head, torch.Tensor) and head.device.type == "cpu" and head.dtype == torch.float32

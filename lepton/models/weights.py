@@ -107,9 +107,11 @@ class MappedWeights:
     """Mixin for models that describe their checkpoint with a :class:`WeightMap` in
     ``self.weight_map``: the loader-facing methods of the model contract."""
 
-    weight_map: WeightMap
+    weight_map: WeightMap | None   # None once the weights were prepacked (layers/linear.py)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        if self.weight_map is None:
+            raise RuntimeError("this model's weights were prepacked for the CPU; load into a new model")
         return self.weight_map.load(weights)
 
     def expected_weight_names(self) -> set[str]:
