@@ -102,6 +102,10 @@ class BlockManager:
     def block_table(self, seq_id: Hashable) -> list[int]:
         return list(self._seq(seq_id).block_table)
 
+    def block_table_view(self, seq_id: Hashable) -> list[int]:
+        """The live block table (no copy: the runner reads it every step; never mutate it)."""
+        return self._seq(seq_id).block_table
+
     def has_seq(self, seq_id: Hashable) -> bool:
         return seq_id in self._seqs
 
@@ -120,32 +124,37 @@ class BlockManager:
             keys.append(parent)
         return keys
 
-    def _cache_hits(self, token_ids: Sequence[int], keys: list[bytes]) -> list[int]:
+    def _cache_hits(self, token_ids: Sequence[int], keys: list[bytes], use_cache: bool = True) -> list[int]:
         """Blocks of the longest published chain, leaving the last prompt token to compute."""
         hits = []
+        if not use_cache:
+            return hits
         for key in keys[:(len(token_ids) - 1) // self.block_size]:
             if key not in self._cached:
                 break
             hits.append(self._cached[key])
         return hits
 
-    def can_allocate(self, token_ids: Sequence[int], num_lookahead_slots: int = 0) -> bool:
+    def can_allocate(self, token_ids: Sequence[int], num_lookahead_slots: int = 0,
+                     use_cache: bool = True) -> bool:
         """Whether allocate(token_ids) would succeed with num_lookahead_slots blocks' worth of
         extra slots still available afterwards."""
-        hits = self._cache_hits(token_ids, self._prompt_hashes(token_ids))
+        hits = self._cache_hits(token_ids, self._prompt_hashes(token_ids), use_cache)
         total = -(-(len(token_ids) + num_lookahead_slots) // self.block_size)
         cost = total - len(hits) + sum(self._refcount[b] == 0 for b in hits)
         return cost <= self.num_free_blocks
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int]) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], use_cache: bool = True) -> int:
         """Give a new sequence blocks for its prompt; returns num_cached_tokens, the prompt
-        tokens whose KV the reused prefix blocks already hold (a multiple of block_size)."""
+        tokens whose KV the reused prefix blocks already hold (a multiple of block_size).
+        ``use_cache=False`` computes every token (prompt logprobs need the logits of all of
+        them); the blocks are still published afterwards."""
         if seq_id in self._seqs:
             raise ValueError(f"seq_id {seq_id!r} already has blocks")
         if len(token_ids) == 0:
             raise ValueError("token_ids must hold at least one prompt token")
         keys = self._prompt_hashes(token_ids)
-        hits = self._cache_hits(token_ids, keys)
+        hits = self._cache_hits(token_ids, keys, use_cache)
         num_new = -(-len(token_ids) // self.block_size) - len(hits)
         if num_new + sum(self._refcount[b] == 0 for b in hits) > self.num_free_blocks:
             raise NoFreeBlocksError(f"KV cache out of blocks: a prompt of {len(token_ids)} tokens "
@@ -209,6 +218,13 @@ class BlockManager:
         alone: grow the table, and swap every shared block the write touches for a private
         copy. Returns the (src, dst) pairs copy_blocks must apply before the forward."""
         seq = self._seq(seq_id)
+        if num_new_tokens == 1 and num_computed_tokens >= 0:
+            # Decode fast path: the slot is inside a block this sequence alone holds, unhashed.
+            i = num_computed_tokens // self.block_size
+            if i < len(seq.block_table):
+                b = seq.block_table[i]
+                if self._refcount[b] == 1 and self._hash[b] is None:
+                    return []
         grow, shared = self._append_plan(seq, num_computed_tokens, num_new_tokens)
         if grow + len(shared) > self.num_free_blocks:
             raise NoFreeBlocksError(f"KV cache out of blocks: {grow + len(shared)} needed, "
@@ -226,8 +242,8 @@ class BlockManager:
         """Publish the sequence's full blocks among its first num_computed_tokens tokens (their
         KV is written) so later prompts can reuse them. Cheap to call after every step."""
         seq = self._seq(seq_id)
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or num_computed_tokens // self.block_size <= seq.num_published:
+            return   # no block completed since the last call (most decode steps)
         bs, keys = self.block_size, seq.block_hashes
         if num_computed_tokens > len(token_ids) or num_computed_tokens > len(seq.block_table) * bs:
             raise ValueError(f"num_computed_tokens {num_computed_tokens} exceeds the sequence's "

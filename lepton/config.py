@@ -134,6 +134,8 @@ class EngineConfig:
         self.device = resolve_device(self.device)
         check_int("max_model_len", self.max_model_len, 1, optional=True)
         check_int("block_size", self.block_size, 1)
+        if self.block_size & (self.block_size - 1) or self.block_size > 256:
+            raise ValueError(f"block_size must be a power of two from 1 to 256, got {self.block_size}")
         check_int("max_num_seqs", self.max_num_seqs, 1)
         check_int("max_num_batched_tokens", self.max_num_batched_tokens, 1, optional=True)
         check_int("kv_cache_memory", self.kv_cache_memory, 1, optional=True)
@@ -150,7 +152,14 @@ class EngineConfig:
         if self.tensor_parallel_size != 1:
             raise ValueError("tensor_parallel_size > 1 is not supported yet (use 1)")
         if self.max_num_batched_tokens is None:
-            self.max_num_batched_tokens = 8192 if self.device.type == "cuda" else 2048
+            self.max_num_batched_tokens = max(8192 if self.device.type == "cuda" else 2048, self.max_num_seqs)
+        if self.max_num_batched_tokens < self.block_size:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"block_size ({self.block_size})")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens ({self.max_num_batched_tokens}) must be >= "
+                             f"max_num_seqs ({self.max_num_seqs}): every running sequence decodes "
+                             "one token per step")
 
     @staticmethod
     def _check_kernels(kernels) -> dict[str, str]:

@@ -4,41 +4,40 @@
     outs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text
 
-Every argument is checked before anything loads (ValueError naming it). Generation runs a fixed
-set of prompts to completion (generation.py); the cache-free tasks live in tasks.py.
+Every argument is checked before anything loads (ValueError naming it). Generation is the serving
+loop of engine_core.py (scheduler, block manager, sampler); the cache-free tasks live in tasks.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
-import threading
 
 import torch
 
 from . import engine_setup as setup
 from .config import EngineConfig
-from .generation import BatchGenerator
-from .kv_cache import BlockAllocator
+from .engine_core import EngineCoreMixin
 from .layers.linear import prepack_model
 from .loader import load_model, read_config, resolve_model_path
 from .model_runner import ModelRunner
-from .outputs import CompletionOutput, Logprob, RequestOutput
-from .sampling import SamplingParams
-from .sequence import Sequence
+from .offline import run_to_completion
+from .outputs import RequestOutput
+from .sampling import RequestOutputKind, SamplingParams
 from .tasks import TasksMixin
 from .tokenizer import apply_chat_template, encode, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-class Engine(TasksMixin):
+class Engine(EngineCoreMixin, TasksMixin):
     """An inference engine for one Hugging Face checkpoint (see DESIGN.md for every argument).
 
     ``model``: a local folder or a hub id; None loads the default embedding model
-    (all-MiniLM-L6-v2, from the ``lepton[demo]`` extra). ``enable_prefix_caching`` is accepted
-    for the block manager that comes with the scheduler; this engine does not share prefixes yet.
+    (all-MiniLM-L6-v2, from the ``lepton[demo]`` extra). Causal LMs are served with continuous
+    batching (engine_core.py: add_request / step / abort; ``generate`` drives that loop).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype="auto", device="auto",
@@ -68,39 +67,37 @@ class Engine(TasksMixin):
         self.is_generative = hasattr(self.model, "compute_logits") and hasattr(self.model, "attention_layers")
         self.pooler = setup.make_pooler(self.model, self.model_path)
         self.runner = ModelRunner(self.model, self.device, cfg.kernels)
-        self.allocator: BlockAllocator | None = None
+        self.block_manager = self.scheduler = None
         if self.is_generative:
             self._init_kv_cache()
         self.eos_token_ids = setup.eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
-        self._rng = torch.Generator().manual_seed(cfg.seed)
         self._request_counter = itertools.count()
-        # One batch owns the KV cache at a time: concurrent generate() calls from several threads
-        # queue here (continuous batching of independent callers comes with the scheduler).
-        self._generate_lock = threading.Lock()
 
     def _init_kv_cache(self) -> None:
         num_blocks, self.max_model_len = setup.plan_kv_cache(self.config, self.runner, self.model,
                                                              self.dtype, self.max_model_len)
         self.runner.allocate_kv_cache(num_blocks, self.config.block_size, self.dtype)
-        self.allocator = BlockAllocator(num_blocks)
+        self._init_serving(num_blocks)
         logger.info("KV cache: %d blocks of %d tokens, max_model_len %d", num_blocks,
                     self.config.block_size, self.max_model_len)
 
     # ---- input checks ---------------------------------------------------------------------
-    def check_prompt(self, token_ids: list[int], index: int, generation: bool) -> None:
-        """ValueError for an empty prompt, out-of-vocabulary ids, or one too long to process."""
+    def check_prompt(self, token_ids: list[int], index: int | str, generation: bool) -> None:
+        """ValueError for an empty prompt, out-of-vocabulary ids, or one too long to process.
+        ``index``: the prompt's position in a call, or a label such as "request r1"."""
+        label = f"prompt {index}" if isinstance(index, int) else index
         if not token_ids:
-            raise ValueError(f"prompt {index} is empty")
+            raise ValueError(f"{label} is empty")
         if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise ValueError(f"prompt {index}: token ids must be integers")
+            raise ValueError(f"{label}: token ids must be integers")
         bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
         if bad:
-            raise ValueError(f"prompt {index}: token id {bad[0]} is outside the vocabulary "
+            raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary "
                              f"[0, {self.vocab_size})")
         limit = self.max_model_len - 1 if generation else self.max_model_len
         if len(token_ids) > limit:
             room = " and leave room for one generated token" if generation else ""
-            raise ValueError(f"prompt {index} has {len(token_ids)} tokens; it must fit max_model_len "
+            raise ValueError(f"{label} has {len(token_ids)} tokens; it must fit max_model_len "
                              f"({self.max_model_len}){room}")
 
     def _require_generative(self, what: str) -> None:
@@ -109,9 +106,11 @@ class Engine(TasksMixin):
                              "is not one (use embed / classify / forward)")
 
     # ---- generation -----------------------------------------------------------------------
-    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None
-                 ) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt."""
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt,
+        in order. All prompts are queued at once and served with continuous batching;
+        ``use_tqdm`` shows a progress bar (prompts done, input and output tokens/s)."""
         self._require_generative("generate")
         if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
                                         and isinstance(prompts[0], int)):
@@ -130,10 +129,11 @@ class Engine(TasksMixin):
                 ids.append(list(prompt))
             else:
                 raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
-        return self._generate(texts, ids, sampling_params)
+        return self._generate(texts, ids, sampling_params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
-             chat_template: str | None = None, add_generation_prompt: bool = True) -> list[RequestOutput]:
+             chat_template: str | None = None, add_generation_prompt: bool = True,
+             use_tqdm: bool = False) -> list[RequestOutput]:
         """Generate replies to a conversation [{"role", "content"}, ...] or a list of conversations,
         formatted by the tokenizer's chat template (or ``chat_template``)."""
         self._require_generative("chat")
@@ -143,28 +143,17 @@ class Engine(TasksMixin):
         ids = [apply_chat_template(self.tokenizer, list(c), chat_template, add_generation_prompt)
                for c in conversations]
         texts = [self.tokenizer.decode(t) for t in ids]
-        return self._generate(texts, ids, sampling_params)
+        return self._generate(texts, ids, sampling_params, use_tqdm)
 
-    def _generate(self, texts: list[str | None], ids: list[list[int]], sampling_params) -> list[RequestOutput]:
+    def _generate(self, texts: list[str | None], ids: list[list[int]], sampling_params,
+                  use_tqdm: bool = True) -> list[RequestOutput]:
         params = self._params_per_prompt(sampling_params, len(ids))
-        for i, (tokens, p) in enumerate(zip(ids, params)):
-            self.check_prompt(tokens, i, generation=True)
-            if p.stop and self.tokenizer is None:
-                raise ValueError("stop strings need a tokenizer; use stop_token_ids")
-        seqs = [Sequence(seq_id=len(ids) * k + i, request_index=i, sample_index=k, token_ids=list(tokens),
-                         params=p, generator=self._generator(p, k))
-                for i, (tokens, p) in enumerate(zip(ids, params)) for k in range(p.n)]
-        detok = None if self.tokenizer is None else (
-            lambda t, skip: self.tokenizer.decode(t, skip_special_tokens=skip))
-        with self._generate_lock:
-            BatchGenerator(self.runner, self.allocator, max_num_seqs=self.config.max_num_seqs,
-                           max_num_batched_tokens=self.config.max_num_batched_tokens,
-                           max_model_len=self.max_model_len, eos_token_ids=self.eos_token_ids,
-                           detokenize=detok).run(seqs)
-        outputs = [RequestOutput(str(next(self._request_counter)), texts[i], ids[i]) for i in range(len(ids))]
-        for seq in seqs:
-            outputs[seq.request_index].outputs.append(self._completion(seq))
-        return outputs
+        # Validate every prompt before queueing any, so a bad one leaves the engine untouched.
+        requests = [self.make_request(str(next(self._request_counter)), tokens,
+                                      dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
+                                      prompt_text=text, label=f"prompt {i}")
+                    for i, (text, tokens, p) in enumerate(zip(texts, ids, params))]
+        return run_to_completion(self, requests, use_tqdm)
 
     @staticmethod
     def _params_per_prompt(sampling_params, count: int) -> list[SamplingParams]:
@@ -176,28 +165,3 @@ class Engine(TasksMixin):
                 and all(isinstance(p, SamplingParams) for p in sampling_params):
             return list(sampling_params)
         raise ValueError("sampling_params must be a SamplingParams or a list of them, one per prompt")
-
-    def _generator(self, params: SamplingParams, sample_index: int) -> torch.Generator:
-        """The sequence's own RNG: from the request's seed, else drawn from the engine's seed."""
-        if params.seed is None:
-            seed = int(torch.randint(0, 2**62, (1,), generator=self._rng))
-        else:
-            seed = params.seed if sample_index == 0 else hash((params.seed, sample_index)) % 2**62
-        return torch.Generator(device=self.device).manual_seed(seed)
-
-    def _completion(self, seq: Sequence) -> CompletionOutput:
-        token_ids = seq.output_token_ids
-        text = seq.text
-        if text is None:
-            text = "" if self.tokenizer is None else self.tokenizer.decode(
-                token_ids, skip_special_tokens=seq.params.skip_special_tokens)
-        logprobs = None
-        if seq.params.logprobs is not None:
-            logprobs = []
-            for token, (lp, rank, top_ids, top_lps) in zip(token_ids, seq.step_logprobs):
-                entry = {t: Logprob(v, r + 1, self._decode_token(t))
-                         for r, (t, v) in enumerate(zip(top_ids, top_lps))}
-                entry.setdefault(token, Logprob(lp, rank, self._decode_token(token)))
-                logprobs.append(entry)
-        return CompletionOutput(seq.sample_index, text, token_ids, seq.cumulative_logprob, logprobs,
-                                seq.finish_reason, seq.stop_reason)

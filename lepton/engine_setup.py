@@ -13,7 +13,8 @@ from .config import EngineConfig, model_max_len, resolve_dtype
 from .kv_cache import KVCache, blocks_needed, cpu_cache_bytes, gpu_cache_bytes
 from .layers.linear import Linear
 from .pooling import Pooler
-from .sampling import SamplingParams, sample
+from .sampler import SamplingRow, sample
+from .sampling import SamplingParams
 from .tasks import decoder_pooler
 
 logger = logging.getLogger(__name__)
@@ -59,9 +60,12 @@ def resolve_max_model_len(cfg: EngineConfig, hf_config: dict, model, path: Path)
 def _worst_case_sampling(logits: torch.Tensor) -> None:
     """The sampler's heaviest path (top-k + top-p sort, per-row generators, top logprobs) on every
     row, so its [B, V] temporaries are part of the profiled peak."""
-    params = [SamplingParams(temperature=1.0, top_k=50, top_p=0.9, logprobs=5)] * logits.shape[0]
-    generators = [torch.Generator(device=logits.device).manual_seed(0) for _ in params]
-    sample(logits, params, generators)
+    # top_k of most of the vocabulary forces the sampler's full-sort path on every row.
+    params = SamplingParams(temperature=1.0, top_k=max(1, logits.shape[-1] - 1), top_p=0.9, min_p=0.05,
+                            logprobs=5, repetition_penalty=1.1, frequency_penalty=0.5)
+    rows = [SamplingRow(params, torch.Generator(device=logits.device).manual_seed(0), [0], [0])
+            for _ in range(logits.shape[0])]
+    sample(logits, rows)
 
 
 def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_model_len: int

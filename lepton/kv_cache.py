@@ -1,4 +1,4 @@
-"""The paged KV cache: storage, a block allocator, and how big to make it.
+"""The paged KV cache: storage and how big to make it (blocks are handed out by block_manager.py).
 
 Per layer, K and V are [num_blocks, block_size, Hk, D]; a sequence owns a list of blocks (its
 block table) and its token at position p lives in slot block_table[p // block_size] * block_size
@@ -37,26 +37,6 @@ class KVCache:
     def bytes_per_block(num_layers: int, block_size: int, num_kv_heads: int, head_dim: int,
                         dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * num_kv_heads * head_dim * torch.finfo(dtype).bits // 8
-
-
-class BlockAllocator:
-    """Free list of cache blocks. (Prefix sharing and reference counts come with the block manager.)"""
-
-    def __init__(self, num_blocks: int):
-        self.num_blocks = num_blocks
-        self._free = list(range(num_blocks - 1, -1, -1))
-
-    @property
-    def num_free_blocks(self) -> int:
-        return len(self._free)
-
-    def allocate(self, n: int) -> list[int]:
-        if n > len(self._free):
-            raise RuntimeError(f"KV cache out of blocks: {n} wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(n)]
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
 
 
 def available_ram() -> int:

@@ -1,6 +1,6 @@
 """The model runner: turns a batch of sequences into one forward over a flattened token batch.
 
-It knows nothing about scheduling. A scheduler (or the fixed-batch loop in generation.py) decides
+It knows nothing about scheduling. The scheduler decides
 which sequences run and how many of their pending tokens each contributes; the runner builds
 input ids, positions and attention metadata, runs the model under the engine's kernel choices and
 returns the next-token logits of each sequence:
@@ -13,18 +13,13 @@ c_b .. c_b + n_b - 1, written to slots of its block table. The caller advances n
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 import lepton_kernels as lk
 
 from .kv_cache import KVCache
 from .layers.attention import AttentionMetadata
-
-
-def _cu_seqlens(lens: torch.Tensor) -> torch.Tensor:
-    cu = torch.zeros(lens.numel() + 1, dtype=torch.int32)
-    cu[1:] = lens.cumsum(0)
-    return cu
 
 
 class ModelRunner:
@@ -51,37 +46,75 @@ class ModelRunner:
     # ---- generation step ------------------------------------------------------------------
     def prepare(self, seqs: list, num_new_tokens: list[int]
                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids[T], positions[T] and the metadata of one step (tensors on the device)."""
+        """input_ids[T], positions[T] and the metadata of one step (tensors on the device).
+        Built with numpy on the host (each torch op costs microseconds of dispatch; this runs
+        every step for every running sequence) and moved to the device once."""
+        bs, num_seqs = self.block_size, len(seqs)
         starts = [s.num_computed_tokens for s in seqs]
-        tokens = [t for s, c, n in zip(seqs, starts, num_new_tokens) for t in s.token_ids[c:c + n]]
-        counts = torch.tensor(num_new_tokens, dtype=torch.int64)
-        seq_lens = torch.tensor(starts, dtype=torch.int64) + counts
-        cu = _cu_seqlens(counts)
+        if len(num_new_tokens) == sum(num_new_tokens):   # decode only: one token each
+            tokens = [s.token_ids[c] for s, c in zip(seqs, starts)]
+        else:
+            tokens = [t for s, c, n in zip(seqs, starts, num_new_tokens) for t in s.token_ids[c:c + n]]
+        counts = np.array(num_new_tokens, dtype=np.int64)
+        start = np.array(starts, dtype=np.int64)
+        seq_lens = start + counts
+        cu = np.zeros(num_seqs + 1, dtype=np.int32)
+        np.cumsum(counts, out=cu[1:])
         # Token t belongs to sequence seq_of[t]; its position is its offset in the step + c_b.
-        seq_of = torch.repeat_interleave(torch.arange(len(seqs)), counts)
-        positions = torch.arange(len(tokens)) - cu[:-1].long()[seq_of] + (seq_lens - counts)[seq_of]
-        bs = self.block_size
+        seq_of = np.repeat(np.arange(num_seqs), counts)
+        positions = np.arange(len(tokens)) - cu[:-1][seq_of] + start[seq_of]
         width = max(len(s.block_table) for s in seqs)
-        block_tables = torch.tensor([s.block_table + [0] * (width - len(s.block_table)) for s in seqs],
-                                    dtype=torch.int32)
-        slot_mapping = block_tables[seq_of, positions // bs].long() * bs + positions % bs
+        flat: list[int] = []
+        for s in seqs:
+            flat += s.block_table
+            flat += [0] * (width - len(s.block_table))
+        block_tables = np.array(flat, dtype=np.int32).reshape(num_seqs, width)
+        slot_mapping = block_tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
         dev = self.device
+
+        def put(array: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(array).to(dev)
+
         meta = AttentionMetadata(
-            cu_seqlens_q=cu.to(dev), max_seqlen_q=max(num_new_tokens),
-            seq_lens=seq_lens.to(torch.int32).to(dev), max_seqlen_k=int(seq_lens.max()),
-            block_tables=block_tables.to(dev), slot_mapping=slot_mapping.to(dev),
-            fresh_prefill=all(c == 0 for c in starts))
-        return torch.tensor(tokens, dtype=torch.int64, device=dev), positions.to(dev), meta
+            cu_seqlens_q=put(cu), max_seqlen_q=max(num_new_tokens),
+            seq_lens=put(seq_lens.astype(np.int32)), max_seqlen_k=int(seq_lens.max()),
+            block_tables=put(block_tables), slot_mapping=put(slot_mapping),
+            fresh_prefill=not any(starts))
+        return put(np.array(tokens, dtype=np.int64)), put(positions), meta
 
     @torch.inference_mode()
     def execute(self, seqs: list, num_new_tokens: list[int]) -> torch.Tensor:
         """Run n_b new tokens of every sequence; logits[B, V] (float32) after each one's last token."""
+        return self.forward_step(seqs, num_new_tokens)[0]
+
+    @torch.inference_mode()
+    def forward_step(self, seqs: list, num_new_tokens: list[int], all_logits: list[bool] | None = None
+                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """(logits[B, V] after each sequence's last new token, {b: logits[n_b, V] after every new
+        token of sequence b} for the b with all_logits[b]: prompt logprobs), float32."""
         if not seqs or len(seqs) != len(num_new_tokens) or min(num_new_tokens) < 1:
             raise ValueError("execute needs one or more sequences, each with at least one new token")
         input_ids, positions, meta = self.prepare(seqs, num_new_tokens)
+        last = meta.cu_seqlens_q[1:].long() - 1
+        full = [b for b, flag in enumerate(all_logits or ()) if flag]
+        # One lm_head call over the last tokens plus every token of the flagged sequences.
+        rows = torch.cat([last] + [torch.arange(int(meta.cu_seqlens_q[b]), int(meta.cu_seqlens_q[b + 1]),
+                                                device=last.device) for b in full])
         with lk.engine_kernels(self.kernels):
             hidden = self.model(input_ids, positions, meta)
-            return self.model.compute_logits(hidden[meta.cu_seqlens_q[1:].long() - 1]).float()
+            logits = self.model.compute_logits(hidden[rows]).float()
+        extra, start = {}, len(seqs)
+        for b in full:
+            extra[b] = logits[start:start + num_new_tokens[b]]
+            start += num_new_tokens[b]
+        return logits[:len(seqs)], extra
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole cache blocks src -> dst in every layer (copy-on-write before a forward)."""
+        if pairs:
+            data = self.kv_cache.data
+            lk.copy_blocks([kv[0] for kv in data], [kv[1] for kv in data],
+                           torch.tensor(pairs, dtype=torch.int64, device=self.device))
 
     # ---- cache-free forward (scoring, embeddings, classification) ----------------------------
     @torch.inference_mode()

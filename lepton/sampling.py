@@ -1,39 +1,61 @@
-"""Sampling parameters (as in vLLM) and the batched sampler.
-
-For each row of next-token logits z[V] (float32):
-    logprobs  = log_softmax(z)                       raw model distribution, reported as logprobs
-    greedy    (temperature 0): argmax z
-    otherwise p = softmax(mask(z / temperature))     mask: keep the top_k tokens, then the smallest
-                                                     prefix of the sorted tokens whose mass reaches
-                                                     top_p (at least one token)
-              token = argmax_i p_i / E_i,  E_i ~ Exp(1) from the request's own torch.Generator
-The exponential race draws exactly from p, and every row uses its own generator, so a seeded
-request samples the same tokens whatever else is in the batch.
-"""
+"""Sampling parameters of one request, as in vLLM; the sampler itself is lepton/sampler.py."""
 
 from __future__ import annotations
 
+import enum
+import math
 from dataclasses import dataclass
 
-import torch
-
 SAMPLING_EPS = 1e-5   # temperatures below this are greedy
+LOGIT_BIAS_LIMIT = 100.0   # OpenAI's range for logit_bias values
+
+
+class RequestOutputKind(enum.Enum):
+    CUMULATIVE = 0   # every output carries the whole text so far
+    DELTA = 1        # every output carries only what is new since the last one
+    FINAL_ONLY = 2   # one output, when the request finishes
 
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _bias_key(key) -> int:
+    if isinstance(key, str) and key.isascii() and key.isdigit():
+        key = int(key)   # JSON object keys arrive as strings
+    if not _is_int(key) or key < 0:
+        raise ValueError(f"logit_bias keys must be token ids >= 0, got {key!r}")
+    return key
+
+
 @dataclass
 class SamplingParams:
     """How to generate one request's completions.
 
-    n: completions per prompt; temperature: 0 = greedy; top_p in (0, 1]; top_k: -1 = off, else
-    >= 1; seed: per-request generator seed (None: drawn from the engine's seed); max_tokens:
-    tokens to generate at most (None: up to max_model_len); stop: strings that end a completion
-    (not included in the text); stop_token_ids: token ids that end it (included in token_ids);
-    ignore_eos: keep going after eos; logprobs: also return the top-N logprobs per token (0: only
-    the sampled token's); skip_special_tokens: when detokenizing.
+    n: completions per prompt.
+    temperature: divides the logits; 0 = greedy.
+    top_p: keep the smallest set of most likely tokens whose mass reaches top_p, in (0, 1].
+    top_k: keep the top_k most likely tokens; -1 = off, else >= 1.
+    min_p: drop tokens less likely than min_p times the most likely one, in [0, 1].
+    seed: per-request generator seed (None: drawn from the engine's seed).
+    max_tokens: tokens to generate at most (None: up to max_model_len).
+    min_tokens: eos and stop_token_ids are banned until this many tokens were generated.
+    stop: strings that end a completion (not in the text unless include_stop_str_in_output).
+    stop_token_ids: token ids that end a completion (included in token_ids).
+    include_stop_str_in_output: keep the stop string that ended the completion in its text.
+    ignore_eos: keep going after eos.
+    presence_penalty: subtracted once from every token already generated, in [-2, 2].
+    frequency_penalty: subtracted per occurrence of a token already generated, in [-2, 2].
+    repetition_penalty: HF style, for tokens in the prompt or generated; 1 = off, > 0.
+    logit_bias: token id -> value added to its logit, values clamped to [-100, 100].
+    logprobs: also return the top-N logprobs per token (0: only the sampled token's).
+    prompt_logprobs: also return the top-N logprobs of every prompt token.
+    skip_special_tokens: when detokenizing.
+    output_kind: cumulative, delta or final-only outputs when streaming.
     """
 
     n: int = 1
@@ -47,15 +69,22 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
+    prompt_logprobs: int | None = None
+    include_stop_str_in_output: bool = False
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self) -> None:
         if not _is_int(self.n) or self.n < 1:
             raise ValueError(f"n must be an integer >= 1, got {self.n!r}")
-        if not isinstance(self.temperature, (int, float)) or isinstance(self.temperature, bool) \
-                or not 0 <= self.temperature < float("inf"):
+        if not _is_number(self.temperature) or not 0 <= self.temperature < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not isinstance(self.top_p, (int, float)) or isinstance(self.top_p, bool) \
-                or not 0 < self.top_p <= 1:
+        if not _is_number(self.top_p) or not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or not (self.top_k == -1 or self.top_k >= 1):
             raise ValueError(f"top_k must be -1 (disabled) or an integer >= 1, got {self.top_k!r}")
@@ -75,72 +104,48 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if not all(_is_int(t) and t >= 0 for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
-        if not isinstance(self.ignore_eos, bool):
-            raise ValueError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs must be None or an integer >= 0, got {self.logprobs!r}")
-        if not isinstance(self.skip_special_tokens, bool):
-            raise ValueError(f"skip_special_tokens must be True or False, got {self.skip_special_tokens!r}")
+        for name in ("ignore_eos", "skip_special_tokens", "include_stop_str_in_output"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be None or an integer >= 0, got {value!r}")
+        self._check_filters_and_penalties()
+        if not _is_int(self.min_tokens) or self.min_tokens < 0 \
+                or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
+            raise ValueError(f"min_tokens must be an integer in [0, max_tokens={self.max_tokens}], "
+                             f"got {self.min_tokens!r}")
+        if self.logit_bias is not None:
+            self.logit_bias = self._checked_logit_bias(self.logit_bias)
+        if not isinstance(self.output_kind, RequestOutputKind):
+            raise ValueError(f"output_kind must be a RequestOutputKind, got {self.output_kind!r}")
+
+    def _check_filters_and_penalties(self) -> None:
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2 <= value <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+
+    @staticmethod
+    def _checked_logit_bias(bias) -> dict[int, float]:
+        if not isinstance(bias, dict):
+            raise ValueError(f"logit_bias must be a dict of token id -> number, got {bias!r}")
+        checked = {}
+        for key, value in bias.items():
+            if not _is_number(value) or not math.isfinite(value):
+                raise ValueError(f"logit_bias values must be finite numbers, got {value!r} for {key!r}")
+            checked[_bias_key(key)] = float(min(max(value, -LOGIT_BIAS_LIMIT), LOGIT_BIAS_LIMIT))
+        return checked
 
     @property
     def greedy(self) -> bool:
         return self.temperature < SAMPLING_EPS
 
-
-@dataclass
-class SamplerOutput:
-    """Per row: the sampled token, its logprob and rank; top-N (N = the largest logprobs asked
-    for in the batch) token ids and logprobs, or None when no row asked."""
-
-    token_ids: list[int]
-    logprobs: list[float]
-    ranks: list[int] | None
-    top_ids: list[list[int]] | None
-    top_logprobs: list[list[float]] | None
-
-
-def _mask_top_k_top_p(logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
-    """logits[R,V] with tokens outside each row's top_k / top_p nucleus set to -inf."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(logits.shape[-1], device=logits.device)[None, :]
-    keep = ranks < top_k[:, None]
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    probs = sorted_logits.softmax(dim=-1)
-    # Drop a token once the mass before it already reaches top_p; the first token always stays.
-    keep &= (probs.cumsum(dim=-1) - probs) < top_p[:, None]
-    sorted_logits = sorted_logits.masked_fill(~keep, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
-
-
-def sample(logits: torch.Tensor, params: list[SamplingParams],
-           generators: list[torch.Generator]) -> SamplerOutput:
-    """One vectorized pass over logits[B,V]; ``generators[b]`` drives row b (see module doc)."""
-    logits = logits.float()
-    logprobs = torch.log_softmax(logits, dim=-1)
-    token_ids = logits.argmax(dim=-1)
-    rows = [b for b, p in enumerate(params) if not p.greedy]
-    if rows:
-        index = torch.tensor(rows, device=logits.device)
-        temps = torch.tensor([params[b].temperature for b in rows], device=logits.device)
-        scaled = logits[index] / temps[:, None]
-        if any(params[b].top_k > 0 or params[b].top_p < 1 for b in rows):
-            vocab = logits.shape[-1]
-            top_k = torch.tensor([params[b].top_k if params[b].top_k > 0 else vocab for b in rows],
-                                 device=logits.device)
-            top_p = torch.tensor([params[b].top_p for b in rows], device=logits.device)
-            scaled = _mask_top_k_top_p(scaled, top_k, top_p)
-        probs = scaled.softmax(dim=-1)
-        noise = torch.empty_like(probs)
-        for i, b in enumerate(rows):   # per-request streams: torch has no batched form
-            noise[i].exponential_(generator=generators[b])
-        noise.clamp_(min=torch.finfo(noise.dtype).tiny)
-        token_ids[index] = (probs / noise).argmax(dim=-1)
-    chosen = logprobs.gather(1, token_ids[:, None])
-    want = [p.logprobs for p in params if p.logprobs is not None]
-    ranks = top_ids = top_lp = None
-    if want:
-        ranks = ((logprobs > chosen).sum(dim=-1) + 1).tolist()
-        if max(want) > 0:
-            values, ids = logprobs.topk(min(max(want), logprobs.shape[-1]), dim=-1)
-            top_ids, top_lp = ids.tolist(), values.tolist()
-    return SamplerOutput(token_ids.tolist(), chosen[:, 0].tolist(), ranks, top_ids, top_lp)
+    @property
+    def needs_penalties(self) -> bool:
+        return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0

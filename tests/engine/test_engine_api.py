@@ -241,7 +241,7 @@ def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
         t.join()
     assert not errors
     assert [results[i] for i in range(3)] == alone
-    assert engine.allocator.num_free_blocks == engine.allocator.num_blocks
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
 def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):

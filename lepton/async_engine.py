@@ -1,0 +1,177 @@
+"""``AsyncEngine``: one Engine shared by many asyncio callers (the server's view of the engine).
+
+    engine = AsyncEngine(Engine("path"))
+    async for out in engine.stream("Hello", SamplingParams(max_tokens=64), request_id="r1"):
+        print(out.outputs[0].text)            # cumulative, or only the new text with
+                                              # SamplingParams(output_kind=RequestOutputKind.DELTA)
+
+A background thread steps the engine while requests are in flight and hands each RequestOutput
+to the event loop of the caller that owns the request (loop.call_soon_threadsafe), so the event
+loop never waits for a forward. New requests and aborts are queued for that thread and applied
+between steps; an abort is applied at once when no step is running. A caller that stops
+iterating (client disconnect, task cancelled, break) aborts its request, which frees its cache
+blocks within one step. If a step raises, every stream gets the error and ``errored`` is set
+(a server's /health turns 503).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from typing import AsyncIterator
+
+from .outputs import RequestOutput
+from .sampling import SamplingParams
+
+
+class EngineDeadError(RuntimeError):
+    """The engine loop stopped after an error; no request can be served."""
+
+
+class AsyncEngine:
+    def __init__(self, engine):
+        self.engine = engine
+        self.errored: BaseException | None = None
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._pending_adds: list = []
+        self._pending_aborts: list[str] = []
+        self._mutex = threading.Lock()          # guards the three containers above
+        self._wakeup = threading.Event()
+        self._stopped = False
+        self._thread = threading.Thread(target=self._run, name="lepton-engine-loop", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_pretrained(cls, model, **engine_args) -> "AsyncEngine":
+        from .engine import Engine
+
+        return cls(Engine(model, **engine_args))
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and self.errored is None
+
+    # ---- requests -------------------------------------------------------------------------------
+    async def stream(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     *, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield the request's outputs as tokens arrive, the last one with ``finished`` set.
+        Bad input raises ValueError before anything is queued."""
+        if self.errored is not None or self._stopped:
+            raise EngineDeadError(f"the engine loop has stopped: {self.errored!r}")
+        request_id = request_id or uuid.uuid4().hex
+        request = self.engine.make_request(request_id, prompt, params, priority=priority)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        with self._mutex:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in flight")
+            self._streams[request_id] = (loop, queue)
+            self._pending_adds.append(request)
+        self._wakeup.set()
+        finished = False
+        try:
+            while True:
+                item = await queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            with self._mutex:
+                self._streams.pop(request_id, None)
+            if not finished:
+                self._abort_soon(request_id)
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       *, priority: int = 0) -> RequestOutput:
+        """The final output of one request."""
+        out = None
+        async for out in self.stream(prompt, params, request_id, priority=priority):
+            pass
+        return out
+
+    async def abort(self, request_id: str) -> None:
+        self._abort_soon(request_id)
+
+    def _abort_soon(self, request_id: str) -> None:
+        # Abort right away when no step holds the engine; otherwise right after the step.
+        if self.engine._lock.acquire(blocking=False):
+            try:
+                self._drop_pending_add(request_id)
+                self.engine.abort(request_id)
+            finally:
+                self.engine._lock.release()
+        else:
+            with self._mutex:
+                self._pending_aborts.append(request_id)
+            self._wakeup.set()
+
+    def _drop_pending_add(self, request_id: str) -> None:
+        with self._mutex:
+            self._pending_adds = [r for r in self._pending_adds if r.request_id != request_id]
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop: abort what is in flight and join the thread."""
+        self._stopped = True
+        self._wakeup.set()
+        self._thread.join(timeout)
+
+    # ---- the loop thread ----------------------------------------------------------------------
+    def _deliver(self, request_id: str, item) -> None:
+        with self._mutex:
+            target = self._streams.get(request_id)
+        if target is None:
+            return
+        loop, queue = target
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:   # the caller's loop is closed: nobody is listening any more
+            with self._mutex:
+                self._pending_aborts.append(request_id)
+
+    def _apply_pending(self) -> None:
+        with self._mutex:
+            adds, self._pending_adds = self._pending_adds, []
+            aborts, self._pending_aborts = self._pending_aborts, []
+        for rid in aborts:
+            self.engine.abort(rid)
+        dropped = set(aborts)
+        for request in adds:
+            if request.request_id in dropped:
+                continue
+            try:
+                self.engine.add_prepared(request)
+            except ValueError as err:
+                self._deliver(request.request_id, err)
+
+    def _run(self) -> None:
+        engine = self.engine
+        try:
+            while not self._stopped:
+                self._wakeup.wait(timeout=1.0)
+                self._wakeup.clear()
+                with engine._lock:
+                    self._apply_pending()
+                while engine.has_unfinished_requests() and not self._stopped:
+                    with engine._lock:
+                        self._apply_pending()
+                        outputs = engine.step()
+                    for out in outputs:
+                        self._deliver(out.request_id, out)
+        except BaseException as err:  # a dead loop must not hang its callers
+            self.errored = err
+            with self._mutex:
+                ids = list(self._streams)
+            for rid in ids:
+                self._deliver(rid, EngineDeadError(f"the engine loop failed: {type(err).__name__}: {err}"))
+        finally:   # shut down: in-flight requests end with finish_reason "abort"
+            with engine._lock:
+                with self._mutex:
+                    never_added = [r.request_id for r in self._pending_adds]
+                    self._pending_adds = []
+                for out in engine.abort(list(engine._requests)):
+                    self._deliver(out.request_id, out)
+                for rid in never_added:
+                    self._deliver(rid, EngineDeadError("the engine is shutting down"))
