@@ -107,7 +107,7 @@ class Engine(EngineCoreMixin, TasksMixin):
 
     # ---- generation -----------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 *, use_tqdm: bool = False) -> list[RequestOutput]:
+                 *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt,
         in order. All prompts are queued at once and served with continuous batching;
         ``use_tqdm`` shows a progress bar (prompts done, input and output tokens/s)."""
@@ -133,7 +133,7 @@ class Engine(EngineCoreMixin, TasksMixin):
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to a conversation [{"role", "content"}, ...] or a list of conversations,
         formatted by the tokenizer's chat template (or ``chat_template``)."""
         self._require_generative("chat")

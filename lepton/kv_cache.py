@@ -11,19 +11,27 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
-# CPU default: room for max_model_len tokens times this many sequences, at most this share of RAM.
-CPU_DEFAULT_SEQS = 4
+# CPU default: room for max_model_len tokens of every sequence, at most this share of the
+# available RAM and at most CPU_MAX_CACHE_BYTES (vLLM's CPU backend also defaults to 4 GiB).
 CPU_RAM_FRACTION = 0.2
+CPU_MAX_CACHE_BYTES = 4 << 30
 
 
 class KVCache:
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int,
                  head_dim: int, dtype: torch.dtype, device: torch.device):
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.data = torch.zeros(num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim,
-                                dtype=dtype, device=device)
+        shape = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
+        if torch.device(device).type == "cpu":
+            # numpy's zeros comes from calloc: the OS hands out zero pages as they are first
+            # written, so a generous cache costs memory only for the blocks actually used.
+            nbytes = math.prod(shape) * torch.finfo(dtype).bits // 8
+            self.data = torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+        else:
+            self.data = torch.zeros(shape, dtype=dtype, device=device)
 
     def bind(self, attention_layers: list) -> None:
         """Give each attention layer its K and V views."""
@@ -52,10 +60,10 @@ def available_ram() -> int:
 
 
 def cpu_cache_bytes(max_model_len: int, max_num_seqs: int, bytes_per_token: int) -> int:
-    """The CPU default: max_model_len tokens for min(max_num_seqs, CPU_DEFAULT_SEQS) sequences,
-    capped at CPU_RAM_FRACTION of available RAM."""
-    wanted = max_model_len * min(max_num_seqs, CPU_DEFAULT_SEQS) * bytes_per_token
-    return min(wanted, int(available_ram() * CPU_RAM_FRACTION))
+    """The CPU default: max_model_len tokens for each of max_num_seqs sequences, capped at
+    CPU_RAM_FRACTION of available RAM and at CPU_MAX_CACHE_BYTES."""
+    wanted = max_model_len * max_num_seqs * bytes_per_token
+    return min(wanted, int(available_ram() * CPU_RAM_FRACTION), CPU_MAX_CACHE_BYTES)
 
 
 def gpu_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_forward_bytes: int) -> int:

@@ -128,20 +128,17 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
         visible = pos[None, :] < lens
         if sliding_window is not None:
             visible &= pos[None, :] > lens - 1 - sliding_window
-        # Table entries past a sequence's last block are never read: any valid slot stands in.
-        slots = slots.masked_fill(~visible, 0)
+        # Hidden positions read the sequence's own first slot instead: it is in the cache (every
+        # position below seq_len is), so it holds finite numbers, and the mask gives it weight 0.
+        # (Table entries past a sequence's last block may point anywhere, even at never-written
+        # memory whose NaN would survive the mask as 0 * NaN.)
+        slots = torch.where(visible, slots, slots[:, :1])
     acc = torch.promote_types(q.dtype, torch.float32)
     # index_select copies whole rows; advanced indexing is several times slower on CPU.
     flat = slots.view(-1)
     keys = k_cache.view(-1, hk * d).index_select(0, flat).view(b, -1, hk, d).to(acc)    # [B, L, Hk, D]
     values = v_cache.view(-1, hk * d).index_select(0, flat).view(b, -1, hk, d).to(acc)
-    mask = None
-    if visible is not None:
-        # Masked slots may hold anything (even NaN in never-written memory): zero them, since the
-        # mask is added to the scores and 0 * NaN = NaN.
-        keys = keys.masked_fill(~visible[:, :, None, None], 0)
-        values = values.masked_fill(~visible[:, :, None, None], 0)
-        mask = visible[:, None, None, :]                                           # [B, 1, 1, L]
+    mask = None if visible is None else visible[:, None, None, :]                 # [B, 1, 1, L]
     out = F.scaled_dot_product_attention(q.to(acc).view(b, hk, hq // hk, d), keys.transpose(1, 2),
                                          values.transpose(1, 2), attn_mask=mask, scale=scale)
     return out.reshape(b, hq, d).to(q.dtype)

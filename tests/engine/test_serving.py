@@ -245,3 +245,32 @@ def test_admission_rejects_what_can_never_run(engine):
 def test_engine_config_checks(path, kwargs, name):
     with pytest.raises(ValueError, match=name):
         Engine(path, device="cpu", **kwargs)
+
+
+def test_sampling_modes_through_the_engine(engine, alone):
+    """temperature 0 and top_k=1 are greedy; unseeded runs differ; min_tokens holds eos back."""
+    assert tokens(engine.generate(PROMPTS[:3], SamplingParams(temperature=0, top_p=0.5, max_tokens=10,
+                                                             ignore_eos=True))) == alone[:3]
+    assert tokens(engine.generate(PROMPTS[:3], SamplingParams(temperature=1.3, top_k=1, max_tokens=10,
+                                                             ignore_eos=True))) == alone[:3]
+    free = SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True)
+    assert tokens(engine.generate(PROMPTS[:3], free)) != tokens(engine.generate(PROMPTS[:3], free))
+    saved = engine.eos_token_ids
+    try:
+        engine.eos_token_ids = {alone[2][0]}     # the first greedy token ends the sequence ...
+        (early,) = engine.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=10))
+        assert early.outputs[0].token_ids == alone[2][:1] and early.outputs[0].finish_reason == "stop"
+        # ... unless min_tokens bans it for the first 4 tokens
+        (held,) = engine.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=10, min_tokens=4))
+        assert len(held.outputs[0].token_ids) >= 4 and alone[2][0] not in held.outputs[0].token_ids[:4]
+    finally:
+        engine.eos_token_ids = saved
+    assert_idle(engine)
+
+
+def test_offline_progress_bar(engine, capsys):
+    engine.generate(PROMPTS[:4], GREEDY, use_tqdm=True)
+    err = capsys.readouterr().err
+    assert "Processed prompts" in err and "4/4" in err and "output:" in err and "toks/s" in err
+    engine.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
+    assert "Processed prompts" not in capsys.readouterr().err
