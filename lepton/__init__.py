@@ -15,7 +15,9 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "Engine": "lepton.engine",
+    "AsyncEngine": "lepton.async_engine",
     "SamplingParams": "lepton.sampling",
+    "RequestOutputKind": "lepton.sampling",
     "RequestOutput": "lepton.outputs",
     "CompletionOutput": "lepton.outputs",
 }
