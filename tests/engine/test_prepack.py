@@ -55,10 +55,10 @@ def test_engine_packs_cpu_float32_models(tmp_path_factory, arch, tied):
     unpacked.lm_head_packed = None
     for module in unpacked.modules():
         if isinstance(module, Linear) and module.packed is not None:
-            module.weight = torch.nn.Parameter(module.packed.weight.to_dense(), requires_grad=False)
+            module.weight = torch.nn.Parameter(module.packed.dense_weight(), requires_grad=False)
             module.packed = None
     if not tied:
-        unpacked.lm_head = torch.nn.Parameter(model.lm_head_packed.weight.to_dense(), requires_grad=False)
+        unpacked.lm_head = torch.nn.Parameter(model.lm_head_packed.dense_weight(), requires_grad=False)
     batch = engine.preprocess(["Hello world", "a b c d e f"])
     hidden, cu = engine.runner.encode(batch.input_ids)
     with torch.inference_mode():
