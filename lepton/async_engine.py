@@ -57,10 +57,15 @@ class AsyncEngine:
                      *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive, the last one with ``finished`` set.
         Bad input raises ValueError before anything is queued."""
+        request = self.engine.make_request(request_id or uuid.uuid4().hex, prompt, params, priority=priority)
+        async for out in self.stream_prepared(request):
+            yield out
+
+    async def stream_prepared(self, request) -> AsyncIterator[RequestOutput]:
+        """``stream`` for a request already made (and so validated) by Engine.make_request."""
         if self.errored is not None or self._stopped:
             raise EngineDeadError(f"the engine loop has stopped: {self.errored!r}")
-        request_id = request_id or uuid.uuid4().hex
-        request = self.engine.make_request(request_id, prompt, params, priority=priority)
+        request_id = request.request_id
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         with self._mutex:
             if request_id in self._streams:
@@ -91,6 +96,13 @@ class AsyncEngine:
         async for out in self.stream(prompt, params, request_id, priority=priority):
             pass
         return out
+
+    def num_waiting(self) -> int:
+        """Requests queued and not running yet (read without the engine lock: a gauge)."""
+        return len(self.engine.scheduler.waiting) + len(self._pending_adds)
+
+    def num_running(self) -> int:
+        return len(self.engine.scheduler.running)
 
     async def abort(self, request_id: str) -> None:
         self._abort_soon(request_id)
