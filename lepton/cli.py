@@ -1,14 +1,35 @@
 """The ``lepton`` command line (also ``python -m lepton``).
 
+    lepton serve PATH [--port 8000] ...        the OpenAI-compatible HTTP server (lepton/server)
+    lepton generate --model PATH "prompt" ...  completions; --file prompts, --output JSONL
+    lepton chat --model PATH                   an interactive conversation, replies streamed
+    lepton embed --model PATH "text" ...       sentence embeddings
+    lepton classify --model PATH "text" ...    labels and probabilities (--labels: zero-shot)
+    lepton bench --base-url URL ...            load-test a running server: throughput, TTFT, TPOT, ITL
     lepton demo [--model PATH]                 embeddings, similarities, zero-shot labels
-    lepton generate --model PATH "prompt" ...  greedy or sampled completions of a causal LM
     lepton kernels                             every op, its implementations, usable here or why not
+
+Flags follow ``vllm serve`` / ``vllm bench serve`` where the meaning is the same. Bad input (a
+missing model folder, a bad flag value, an unreachable server) ends with one line on stderr and
+exit code 2 (usage) or 1 (the rest), never a traceback. Each command imports what it needs when
+it runs: ``lepton kernels`` never loads torch models, fastapi or httpx.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+from . import cli_bench, cli_chat, cli_offline
+from .cli_io import CLIError
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line (argparse prints the whole usage block otherwise)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
 def _cmd_kernels(args: argparse.Namespace) -> int:
@@ -24,49 +45,84 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo_main(args.model)
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    from .engine import Engine
-    from .sampling import SamplingParams
+SERVE_HELP = "start the OpenAI-compatible HTTP server"
 
+
+def _add_serve(sub, wanted: bool) -> None:
+    """The server's own arguments are added only when ``serve`` runs, so that no other command
+    imports the server (fastapi, uvicorn); a server that cannot be imported fails only ``serve``."""
+    if not wanted:
+        sub.add_parser("serve", help=SERVE_HELP, add_help=False)
+        return
+    serve = sub.add_parser("serve", help=SERVE_HELP, description=SERVE_HELP + ".")
     try:
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature,
-                                top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-        engine = Engine(args.model, dtype=args.dtype, max_model_len=args.max_model_len)
-        outputs = engine.generate(args.prompts, params)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"lepton generate: {err}", file=sys.stderr)
-        return 1
-    for out in outputs:
-        print(f"{out.prompt}{out.outputs[0].text}")
-        print(f"  [{len(out.outputs[0].token_ids)} tokens, finish_reason={out.outputs[0].finish_reason}]")
-    return 0
+        from .server.args import add_serve_arguments, run_serve
+    except ImportError as err:
+        reason = f"{type(err).__name__}: {err}"
+        serve.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        serve.set_defaults(func=lambda args: _serve_unavailable(reason))
+        return
+    add_serve_arguments(serve)
+    serve.set_defaults(func=run_serve)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lepton", description="lepton inference engine")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _serve_unavailable(reason: str) -> int:
+    raise CLIError(f"the server cannot be loaded ({reason}); install lepton with its server "
+                   "dependencies: pip install -e .")
 
-    kernels = sub.add_parser("kernels", help="list every op, its implementations and whether they run here")
-    kernels.set_defaults(func=_cmd_kernels)
+
+def _command_of(argv: list[str]) -> str | None:
+    return next((arg for arg in argv if not arg.startswith("-")), None)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The parser for ``argv`` (``serve`` gets its full arguments only when ``argv`` runs it)."""
+    parser = _Parser(prog="lepton", description="lepton inference engine")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_serve(sub, _command_of(argv or []) == "serve")
+    cli_offline.add_parsers(sub)
+    cli_chat.add_parser(sub)
+    cli_bench.add_parser(sub)
 
     demo = sub.add_parser("demo", help="embed sentences, show similarities and a zero-shot classification")
     demo.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2)")
     demo.set_defaults(func=_cmd_demo)
 
-    gen = sub.add_parser("generate", help="complete prompts with a causal LM")
-    gen.add_argument("prompts", nargs="+", help="one or more prompts")
-    gen.add_argument("--model", required=True, help="model folder or hub id")
-    gen.add_argument("--max-tokens", type=int, default=64)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=-1)
-    gen.add_argument("--seed", type=int, default=None)
-    gen.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
-    gen.add_argument("--max-model-len", type=int, default=None)
-    gen.set_defaults(func=_cmd_generate)
+    kernels = sub.add_parser("kernels", help="list every op, its implementations and whether they run here")
+    kernels.set_defaults(func=_cmd_kernels)
     return parser
 
 
+def _one_line(err: BaseException) -> str:
+    if isinstance(err, ModuleNotFoundError) and err.name:
+        return f"the Python package {err.name!r} is missing (pip install {err.name.split('.')[0]})"
+    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+    return text or type(err).__name__
+
+
+def _is_user_error(err: BaseException) -> bool:
+    if isinstance(err, (CLIError, ValueError, OSError, ModuleNotFoundError)):
+        return True
+    if isinstance(err, RuntimeError) and "lepton_kernels.registry" in sys.modules:
+        from lepton_kernels.registry import KernelUnavailableError
+
+        return isinstance(err, KernelUnavailableError)   # e.g. --kernels naming an impl that cannot run
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return args.func(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(argv).parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"lepton {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:   # e.g. `lepton generate ... | head`: stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        print(f"lepton {args.command}: error: {_one_line(err)}", file=sys.stderr)
+        return 1
