@@ -80,8 +80,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="lepton", description="lepton inference engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub, _command_of(argv or []) == "serve")
-    cli_offline.add_parsers(sub)
+    cli_offline.add_generate_parser(sub)
     cli_chat.add_parser(sub)
+    cli_offline.add_pooling_parsers(sub)
     cli_bench.add_parser(sub)
 
     demo = sub.add_parser("demo", help="embed sentences, show similarities and a zero-shot classification")

@@ -12,6 +12,8 @@ import os
 import sys
 import time
 
+from ..cli_io import add_engine_arguments, engine_kwargs, positive_int
+
 GRACE_SECONDS = 4
 
 
@@ -24,23 +26,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", default=None,
                         help="accepted Bearer key (repeatable; also LEPTON_API_KEY, comma-separated)")
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--max-model-len", type=int, default=None)
-    parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--max-num-batched-tokens", type=int, default=None)
-    parser.add_argument("--block-size", type=int, default=16)
-    parser.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache size in bytes")
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--quantization", default=None, choices=["int8", "int4"])
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-pending", type=int, default=1024, help="queued requests before 429")
-    parser.add_argument("--max-body-bytes", type=int, default=10 << 20, help="request body limit (413)")
-    parser.add_argument("--max-prompts", type=int, default=256, help="prompts per request (413)")
-    parser.add_argument("--max-n", type=int, default=16)
-    parser.add_argument("--max-logprobs", type=int, default=20)
-    parser.add_argument("--max-stop", type=int, default=16)
+    add_engine_arguments(parser)
+    parser.add_argument("--max-pending", type=positive_int, default=1024, help="queued requests before 429")
+    parser.add_argument("--max-body-bytes", type=positive_int, default=10 << 20, help="request body limit (413)")
+    parser.add_argument("--max-prompts", type=positive_int, default=256, help="prompts per request (413)")
+    parser.add_argument("--max-n", type=positive_int, default=16)
+    parser.add_argument("--max-logprobs", type=positive_int, default=20)
+    parser.add_argument("--max-stop", type=positive_int, default=16)
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
 
 
@@ -60,10 +52,6 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..engine import Engine
     from .api_server import build_app
 
-    for name in ("max_pending", "max_body_bytes", "max_prompts", "max_n", "max_logprobs", "max_stop"):
-        if getattr(args, name) < 1:
-            print(f"lepton serve: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     chat_template = None
     if args.chat_template:
         try:
@@ -75,12 +63,7 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"lepton: loading {args.model} ...", flush=True)
     start = time.perf_counter()
     try:
-        engine = Engine(args.model, dtype=args.dtype, device=args.device, max_model_len=args.max_model_len,
-                        block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_memory=args.kv_cache_memory,
-                        gpu_memory_utilization=args.gpu_memory_utilization,
-                        enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
-                        quantization=args.quantization)
+        engine = Engine(args.model, **engine_kwargs(args))
         app = build_app(engine, served_model_name=args.served_model_name, api_keys=_api_keys(args),
                         chat_template=chat_template, max_body_bytes=args.max_body_bytes,
                         max_pending=args.max_pending, max_prompts=args.max_prompts, max_n=args.max_n,
