@@ -61,18 +61,22 @@ class AsyncEngine:
         async for out in self.stream_prepared(request):
             yield out
 
-    async def stream_prepared(self, request) -> AsyncIterator[RequestOutput]:
-        """``stream`` for a request already made (and so validated) by Engine.make_request."""
+    def submit(self, request) -> asyncio.Queue:
+        """Queue a request made by Engine.make_request, now (no await: a server counts it at
+        once); returns the queue that ``outputs`` reads. Must run on the caller's event loop."""
         if self.errored is not None or self._stopped:
             raise EngineDeadError(f"the engine loop has stopped: {self.errored!r}")
-        request_id = request.request_id
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        queue: asyncio.Queue = asyncio.Queue()
         with self._mutex:
-            if request_id in self._streams:
-                raise ValueError(f"request_id {request_id!r} is already in flight")
-            self._streams[request_id] = (loop, queue)
+            if request.request_id in self._streams:
+                raise ValueError(f"request_id {request.request_id!r} is already in flight")
+            self._streams[request.request_id] = (asyncio.get_running_loop(), queue)
             self._pending_adds.append(request)
         self._wakeup.set()
+        return queue
+
+    async def outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """The outputs of a submitted request; stopping early (break, cancel) aborts it."""
         finished = False
         try:
             while True:
@@ -88,6 +92,12 @@ class AsyncEngine:
                 self._streams.pop(request_id, None)
             if not finished:
                 self._abort_soon(request_id)
+
+    async def stream_prepared(self, request) -> AsyncIterator[RequestOutput]:
+        """``stream`` for a request already made (and so validated) by Engine.make_request."""
+        queue = self.submit(request)
+        async for out in self.outputs(request.request_id, queue):
+            yield out
 
     async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                        *, priority: int = 0) -> RequestOutput:
@@ -134,6 +144,8 @@ class AsyncEngine:
     def _deliver(self, request_id: str, item) -> None:
         with self._mutex:
             target = self._streams.get(request_id)
+            if getattr(item, "finished", True):   # the last item: forget the stream even if
+                self._streams.pop(request_id, None)   # nobody ever reads it
         if target is None:
             return
         loop, queue = target

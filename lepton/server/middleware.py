@@ -14,10 +14,6 @@ from .errors import APIError
 OPEN_PATHS = frozenset({"/health", "/metrics"})   # reachable without a key (probes, scrapers)
 
 
-class _BodyTooLarge(APIError):
-    """Raised while the app reads the body; the app's APIError handler answers it with 413."""
-
-
 async def _send_error(send, err: APIError, headers: list | None = None) -> None:
     body = json.dumps(err.body()).encode()
     await send({"type": "http.response.start", "status": err.status,
@@ -55,29 +51,29 @@ class GuardMiddleware:
                 return await _send_error(send, APIError(400, "invalid Content-Length header"))
             if too_large:
                 return await _send_error(send, self._too_large())
-        received, started = 0, False
-
-        async def counted_receive():
-            nonlocal received
+        # Read the whole body here, before the app: an oversized chunked upload is refused with
+        # 413 (FastAPI would turn an error raised while it parses into a 400).
+        chunks, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    err = self._too_large()
-                    raise _BodyTooLarge(err.status, err.message)
-            return message
+            if message["type"] != "http.request":   # the client left before sending it all
+                return
+            chunks.append(message.get("body", b""))
+            received += len(chunks[-1])
+            if received > self.max_body_bytes:
+                return await _send_error(send, self._too_large())
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
 
-        async def tracked_send(message):
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()   # then pass through: http.disconnect tells a route the client left
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except _BodyTooLarge as err:
-            if not started:
-                await _send_error(send, err)
+        await self.app(scope, replay, send)
 
     def _too_large(self) -> APIError:
         return APIError(413, f"request body exceeds the limit of {self.max_body_bytes} bytes")
