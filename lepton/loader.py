@@ -15,14 +15,18 @@ the checkpoint is ever executed (no remote code).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import time
 from pathlib import Path
 from typing import Iterator
 
 import torch
 
 from . import models
+
+logger = logging.getLogger(__name__)
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Config, tokenizer and sentence-transformers files; weights are chosen after the index is read.
@@ -131,7 +135,8 @@ def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | N
     else in the checkpoint's dtype (on the CPU: views of the memory map, no copy)."""
     from safetensors import SafetensorError, safe_open
 
-    for file in files:
+    start = time.perf_counter()
+    for i, file in enumerate(files):
         try:
             # On cuda, safe_open copies each tensor straight from the mapped file to the GPU.
             with safe_open(str(file), framework="pt", device=str(device)) as handle:
@@ -143,6 +148,8 @@ def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | N
         except SafetensorError as err:
             raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
                              f"{err}") from None
+        logger.info("weights: shard %d/%d (%s) read, %.1f s", i + 1, len(files), file.name,
+                    time.perf_counter() - start)
 
 
 def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:

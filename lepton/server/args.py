@@ -8,6 +8,7 @@ engine loop is stopped last. The process exits well within 10 s.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import time
@@ -61,6 +62,11 @@ def run_serve(args: argparse.Namespace) -> int:
             print(f"lepton serve: cannot read --chat-template: {err.strerror}", file=sys.stderr)
             return 2
     print(f"lepton: loading {args.model} ...", flush=True)
+    progress = logging.StreamHandler(sys.stdout)   # the loader reports each shard as it is read
+    progress.setFormatter(logging.Formatter("lepton: %(message)s"))
+    loader_log = logging.getLogger("lepton.loader")
+    loader_log.addHandler(progress)
+    loader_log.setLevel(logging.INFO)
     start = time.perf_counter()
     try:
         engine = Engine(args.model, **engine_kwargs(args))
