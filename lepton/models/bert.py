@@ -22,6 +22,7 @@ from torch import nn
 
 import lepton_kernels as lk
 from lepton.layers.attention import Attention, AttentionMetadata
+from lepton.layers.linear import Linear
 
 _ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x),
@@ -49,18 +50,10 @@ def _config_value(config: dict, key: str, default=None):
     return value
 
 
-class Dense(nn.Module):
-    """y = x W^T + b. Parameters are left uninitialized: the checkpoint fills them."""
-
-    def __init__(self, in_features: int, out_features: int, dtype, device, bias: bool = True):
-        super().__init__()
-        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
-        self.bias = (nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-                     if bias else None)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+def Dense(in_features: int, out_features: int, dtype, device, bias: bool = True) -> Linear:
+    """y = x W^T + b: lepton's Linear, so CPU float32 engines prepack it for oneDNN like the
+    decoders' matmuls. Parameters are left uninitialized: the checkpoint fills them."""
+    return Linear(in_features, out_features, bias=bias, dtype=dtype, device=device)
 
 
 class LayerNorm(nn.Module):
