@@ -121,8 +121,7 @@ class AsyncEngine:
         # Abort right away when no step holds the engine; otherwise right after the step.
         if self.engine._lock.acquire(blocking=False):
             try:
-                self._drop_pending_add(request_id)
-                self.engine.abort(request_id)
+                self._abort_now([request_id])
             finally:
                 self.engine._lock.release()
         else:
@@ -130,9 +129,18 @@ class AsyncEngine:
                 self._pending_aborts.append(request_id)
             self._wakeup.set()
 
-    def _drop_pending_add(self, request_id: str) -> None:
+    def _abort_now(self, request_ids: list[str]) -> None:
+        """(Engine lock held.) Abort, and hand each stream still listening its final output:
+        the engine's, or an empty aborted one for a request that never reached the engine."""
+        dropped = set(request_ids)
         with self._mutex:
-            self._pending_adds = [r for r in self._pending_adds if r.request_id != request_id]
+            never_added = [r for r in self._pending_adds if r.request_id in dropped]
+            self._pending_adds = [r for r in self._pending_adds if r.request_id not in dropped]
+        for out in self.engine.abort(list(dropped)):
+            self._deliver(out.request_id, out)
+        for request in never_added:
+            self._deliver(request.request_id, RequestOutput(request.request_id, request.prompt,
+                                                            request.prompt_token_ids, [], finished=True))
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop: abort what is in flight and join the thread."""
@@ -157,14 +165,12 @@ class AsyncEngine:
 
     def _apply_pending(self) -> None:
         with self._mutex:
-            adds, self._pending_adds = self._pending_adds, []
             aborts, self._pending_aborts = self._pending_aborts, []
-        for rid in aborts:
-            self.engine.abort(rid)
-        dropped = set(aborts)
+        if aborts:
+            self._abort_now(aborts)
+        with self._mutex:
+            adds, self._pending_adds = self._pending_adds, []
         for request in adds:
-            if request.request_id in dropped:
-                continue
             try:
                 self.engine.add_prepared(request)
             except ValueError as err:

@@ -149,7 +149,8 @@ class Engine(EngineCoreMixin, TasksMixin):
                   use_tqdm: bool = True) -> list[RequestOutput]:
         params = self._params_per_prompt(sampling_params, len(ids))
         # Validate every prompt before queueing any, so a bad one leaves the engine untouched.
-        requests = [self.make_request(str(next(self._request_counter)), tokens,
+        # A prefix of their own keeps these ids apart from ids callers pass to add_request.
+        requests = [self.make_request(f"generate-{next(self._request_counter)}", tokens,
                                       dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
                                       prompt_text=text, label=f"prompt {i}")
                     for i, (text, tokens, p) in enumerate(zip(texts, ids, params))]

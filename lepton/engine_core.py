@@ -24,8 +24,8 @@ from .block_manager import BlockManager
 from .kv_cache import blocks_needed
 from .metrics import EngineStats, RequestMetrics
 from .outputs import RequestOutput
-from .output_builder import build_logprobs, build_output
-from .sampler import SamplingRow, compute_logprobs, sample
+from .output_builder import add_prompt_logprobs, build_logprobs, build_output
+from .sampler import SamplingRow, sample
 from .sampling import RequestOutputKind, SamplingParams
 from .scheduler import Scheduler
 from .sequence import OutputView, Request, Sequence
@@ -47,6 +47,7 @@ class EngineCoreMixin:
         self._next_order = 0
         self._sampling_generator = torch.Generator(device=self.device).manual_seed(cfg.seed)
         self._counters = dict(prompt=0, generation=0, finished=0, aborted=0)
+        self._unclaimed_outputs: list[RequestOutput] = []   # produced while generate() stepped
 
     # ---- requests -------------------------------------------------------------------------------
     def make_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
@@ -88,6 +89,9 @@ class EngineCoreMixin:
 
     def _check_params(self, params: SamplingParams, num_prompt_tokens: int) -> None:
         vocab = self.vocab_size
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"n ({params.n}) exceeds max_num_seqs ({self.config.max_num_seqs}): the "
+                             "samples of a request run together")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; use stop_token_ids")
         for name, value in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
@@ -110,8 +114,9 @@ class EngineCoreMixin:
                 raise ValueError(f"request_id {request.request_id!r} is already in flight")
             request.order = self._next_order
             self._next_order += 1
+            seq = self._new_seq(request, 0, list(request.prompt_token_ids))
             self._requests[request.request_id] = request
-            self.scheduler.add(self._new_seq(request, 0, list(request.prompt_token_ids)))
+            self.scheduler.add(seq)
 
     def _new_seq(self, request: Request, sample_index: int, token_ids: list[int]) -> Sequence:
         params = request.params
@@ -136,13 +141,16 @@ class EngineCoreMixin:
                                       skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                                       include_stop_str_in_output=params.include_stop_str_in_output)
 
-    def _final_text(self, seq: Sequence) -> None:
+    def _final_text(self, seq: Sequence, drop_last_text: bool = False) -> None:
         """Flush the sequence's text (decoding it all now if it was not followed step by step)."""
         if self.tokenizer is None:
             return
         if seq.detokenizer is None:
             seq.detokenizer = self._detokenizer(seq.request)
-            seq.detokenizer.update(seq.output_token_ids)
+            ids = seq.output_token_ids
+            if drop_last_text:
+                ids = ids[:-1]   # the eos / stop token: its text is not output (see _append_token)
+            seq.detokenizer.update(ids)
         seq.detokenizer.finish()
 
     def abort(self, request_id: str | list[str]) -> list[RequestOutput]:
@@ -167,8 +175,9 @@ class EngineCoreMixin:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
+        """Requests in flight, or outputs that the next step() still has to hand out."""
         with self._lock:
-            return bool(self._requests)
+            return bool(self._requests or self._unclaimed_outputs)
 
     def get_num_unfinished_requests(self) -> int:
         with self._lock:
@@ -185,6 +194,9 @@ class EngineCoreMixin:
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; RequestOutputs of the requests that made progress."""
         with self._lock:
+            if self._unclaimed_outputs:
+                outputs, self._unclaimed_outputs = self._unclaimed_outputs, []
+                return outputs
             sched = self.scheduler.schedule()
             now = time.monotonic()
             for seq in sched.newly_admitted:
@@ -209,7 +221,7 @@ class EngineCoreMixin:
                 if end // bs > start // bs:   # a block filled up: publish it for prefix reuse
                     bm.cache_blocks(seq.seq_id, seq.token_ids, end)
                 if full and b in full:
-                    self._add_prompt_logprobs(seq.request, start, full[b])
+                    add_prompt_logprobs(self, seq.request, start, full[b])
                     touched[seq.request.request_id] = seq.request
                 if end == len(seq.token_ids):
                     ready.append((b, seq))
@@ -268,37 +280,26 @@ class EngineCoreMixin:
             seq.step_logprobs.append(build_logprobs(self, token, out.logprobs[r], out.ranks[r],
                                                     out.top_ids[r], out.top_logprobs[r]))
         checking = seq.num_output_tokens >= params.min_tokens   # no stop before min_tokens
+        is_eos = checking and token in self.eos_token_ids and not params.ignore_eos
+        is_stop_token = checking and token in params.stop_token_ids
         stop_str = None
-        if seq.detokenizer is not None:
+        # A stop token stays in token_ids but, as in vLLM, its text is not part of the output.
+        if seq.detokenizer is not None and not ((is_eos or is_stop_token)
+                                                and not params.include_stop_str_in_output):
             stop_str = seq.detokenizer.update([token], check_stop=checking)
-        if checking and token in self.eos_token_ids and not params.ignore_eos:
-            self._finish(seq, "stop", None, now)
-        elif checking and token in params.stop_token_ids:
-            self._finish(seq, "stop", token, now)
+        drop = not params.include_stop_str_in_output
+        if is_eos:
+            self._finish(seq, "stop", None, now, drop_last_text=drop)
+        elif is_stop_token:
+            self._finish(seq, "stop", token, now, drop_last_text=drop)
         elif stop_str is not None:
             self._finish(seq, "stop", stop_str, now)
         elif len(seq.token_ids) >= request.max_total_tokens:
             self._finish(seq, "length", None, now)
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason, now: float) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason, now: float, drop_last_text: bool = False) -> None:
         seq.finish_reason, seq.stop_reason = reason, stop_reason
-        self._final_text(seq)
+        self._final_text(seq, drop_last_text)
         self.scheduler.finish(seq)
         if seq.request.finished:
             seq.request.metrics.finished_time = now
-
-    def _add_prompt_logprobs(self, request: Request, start: int, logits: torch.Tensor) -> None:
-        """Logits after positions start..start+n-1 score prompt tokens start+1..start+n."""
-        prompt = request.prompt_token_ids
-        if request.prompt_logprobs is None:
-            request.prompt_logprobs = [None]
-        first = len(request.prompt_logprobs)          # next prompt position without a logprob
-        last = min(start + logits.shape[0], len(prompt) - 1)
-        if last < first or first <= start:
-            return
-        ids = prompt[first:last + 1]
-        lps, ranks, top_ids, top_lps = compute_logprobs(
-            logits[first - 1 - start:last - start], torch.tensor(ids, device=logits.device),
-            request.params.prompt_logprobs)
-        for token, lp, rank, ti, tl in zip(ids, lps, ranks, top_ids, top_lps):
-            request.prompt_logprobs.append(build_logprobs(self, token, lp, rank, ti, tl))

@@ -16,24 +16,30 @@ def _progress_bar(total: int):
 
 
 def run_to_completion(engine, requests: list[Request], use_tqdm: bool = False) -> list[RequestOutput]:
-    """Final RequestOutputs of ``requests``, in order. Other requests in flight keep running but
-    their outputs are not collected here. On any exception (KeyboardInterrupt included) the
+    """Final RequestOutputs of ``requests``, in order. Other requests in flight keep running; their
+    outputs wait for the next ``engine.step()``. On any exception (KeyboardInterrupt included) the
     requests still running are aborted, so no cache block outlives the call."""
     wanted = {r.request_id: i for i, r in enumerate(requests)}
     results: list[RequestOutput | None] = [None] * len(requests)
     bar = _progress_bar(len(requests)) if use_tqdm else None
     start, num_in, num_out, done = time.perf_counter(), 0, 0, 0
+    added: list[str] = []
+    foreign: list[RequestOutput] = []
     with engine._lock:   # one offline batch at a time; other threads' steps wait
         try:
             for request in requests:
                 engine.add_prepared(request)
+                added.append(request.request_id)
             while done < len(requests):
                 outputs = engine.step()
                 if not outputs and not engine.scheduler.has_unfinished():
                     raise RuntimeError("the scheduler went idle with requests unfinished")
                 for out in outputs:
                     i = wanted.get(out.request_id)
-                    if i is None or not out.finished:
+                    if i is None:   # someone else's (add_request): their next step() returns it
+                        foreign.append(out)
+                        continue
+                    if not out.finished:
                         continue
                     results[i] = out
                     done += 1
@@ -44,10 +50,11 @@ def run_to_completion(engine, requests: list[Request], use_tqdm: bool = False) -
                         bar.postfix = (f"est. speed input: {num_in / elapsed:.2f} toks/s, "
                                        f"output: {num_out / elapsed:.2f} toks/s")
                         bar.update(1)
-        except BaseException:
-            engine.abort([r.request_id for r, out in zip(requests, results) if out is None])
+        except BaseException:   # only ours, and only those that got in
+            engine.abort([rid for rid, out in zip(added, results) if out is None])
             raise
         finally:
+            engine._unclaimed_outputs.extend(foreign)
             if bar is not None:
                 bar.close()
     return results

@@ -9,7 +9,10 @@ final text.
 
 from __future__ import annotations
 
+import torch
+
 from .outputs import CompletionOutput, Logprob, RequestOutput
+from .sampler import compute_logprobs
 from .sampling import RequestOutputKind
 from .sequence import Request, Sequence, SequenceStatus
 
@@ -20,6 +23,23 @@ def build_logprobs(engine, token: int, logprob: float, rank: int, top_ids, top_l
              for r, (t, v) in enumerate(zip(top_ids or (), top_logprobs or ()))}
     entry.setdefault(token, Logprob(logprob, rank, engine._decode_token(token)))
     return entry
+
+
+def add_prompt_logprobs(engine, request: Request, start: int, logits: torch.Tensor) -> None:
+    """Logits after positions start..start+n-1 score prompt tokens start+1..start+n."""
+    prompt = request.prompt_token_ids
+    if request.prompt_logprobs is None:
+        request.prompt_logprobs = [None]
+    first = len(request.prompt_logprobs)          # next prompt position without a logprob
+    last = min(start + logits.shape[0], len(prompt) - 1)
+    if last < first or first <= start:
+        return
+    ids = prompt[first:last + 1]
+    lps, ranks, top_ids, top_lps = compute_logprobs(
+        logits[first - 1 - start:last - start], torch.tensor(ids, device=logits.device),
+        request.params.prompt_logprobs)
+    for token, lp, rank, ti, tl in zip(ids, lps, ranks, top_ids, top_lps):
+        request.prompt_logprobs.append(build_logprobs(engine, token, lp, rank, ti, tl))
 
 
 def _visible_text(seq: Sequence) -> str:

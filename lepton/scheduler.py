@@ -8,8 +8,8 @@ Every step fills a token budget (max_num_batched_tokens) and a sequence cap (max
     3. waiting sequences, admitted in order while the budget, the cap and free cache blocks
        last; a prompt longer than what is left is admitted with its first chunk.
 When a running sequence needs a cache block and none is free, the scheduler preempts the
-lowest-priority, most recently arrived running sequence not yet scheduled in this step (itself
-if there is none): its blocks are freed and it returns to the waiting queue, to be recomputed
+lowest-priority, most recently arrived running sequence not yet scheduled in this step, itself
+included: its blocks are freed and it returns to the waiting queue, to be recomputed
 from its token ids later (prefix caching usually serves most of that recompute). No waiting
 sequence is admitted in a step that preempted.
 
@@ -31,6 +31,11 @@ WATERMARK = 0.01
 
 def _sort_key(seq: Sequence) -> tuple[int, int, int]:
     return seq.sort_key
+
+
+def _width(seq: Sequence) -> int:
+    """Sequences this one stands for: n for a request's first sample before the fork, else 1."""
+    return seq.request.params.n if seq.sample_index == 0 and not seq.request.forked else 1
 
 
 @dataclass
@@ -115,8 +120,9 @@ class Scheduler:
                     out.block_copies += bm.append_slots(seq.seq_id, seq.num_computed_tokens, n)
                     break
                 except NoFreeBlocksError:
-                    victims = [s for s in order[i + 1:] if s.status is SequenceStatus.RUNNING]
-                    victim = max(victims, key=lambda s: s.sort_key) if victims else seq
+                    # The lowest-priority, newest of those not yet scheduled, itself included.
+                    victims = [s for s in order[i + 1:] if s.status is SequenceStatus.RUNNING] + [seq]
+                    victim = max(victims, key=_sort_key)
                     self._preempt(victim)
                     out.preempted.append(victim)
                     if victim is seq:
@@ -132,12 +138,13 @@ class Scheduler:
 
     def _admit(self, out: SchedulerOutput, budget: int) -> int:
         bm = self.block_manager
+        # A request that will fork counts all its samples against the cap, before and after.
+        occupied = sum(_width(s) for s in self.running)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             request = seq.request
-            # A request that will fork reserves room for all its samples under the cap.
-            width = request.params.n if not request.forked and seq.sample_index == 0 else 1
-            if len(self.running) + width > self.max_num_seqs and self.running:
+            width = _width(seq)
+            if occupied + width > self.max_num_seqs and self.running:
                 break
             # Prompt logprobs need the logits of every prompt token: no cached prefix for those.
             use_cache = not request.needs_prompt_logprobs
@@ -157,5 +164,6 @@ class Scheduler:
             out.seqs.append(seq)
             out.num_new_tokens.append(n)
             out.newly_admitted.append(seq)
+            occupied += width
             budget -= n
         return budget

@@ -169,7 +169,8 @@ class ServerState:
         finally:
             watch.cancel()
             if not work.done():
-                work.cancel()
+                work.cancel()   # its requests abort as the cancellation unwinds them
+            await asyncio.gather(work, watch, return_exceptions=True)
         if work.cancelled():
             return Response(status_code=499)   # nobody is listening any more
         return builder.response(work.result())

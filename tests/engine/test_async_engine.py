@@ -136,3 +136,23 @@ def test_shutdown_aborts_in_flight_requests(engine):
     assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
     assert not server.is_running
     wait_idle(engine)
+
+
+def test_abort_from_another_task_ends_the_stream(engine, served):
+    params = SamplingParams(temperature=0, max_tokens=100, ignore_eos=True)
+
+    async def main():
+        outs = []
+
+        async def read():
+            async for out in served.stream(TEXTS[2], params, request_id="to-abort"):
+                outs.append(out)
+                if len(outs) == 2:
+                    await served.abort("to-abort")
+
+        await asyncio.wait_for(read(), timeout=20)
+        return outs
+
+    outs = asyncio.run(main())
+    assert outs[-1].finished and outs[-1].outputs[0].finish_reason == "abort"
+    wait_idle(engine)

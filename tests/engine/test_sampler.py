@@ -308,3 +308,9 @@ def test_sampling_params_defaults_and_conversions():
     assert SamplingParams(repetition_penalty=1.2).needs_penalties
     assert SamplingParams(output_kind=RequestOutputKind.DELTA).output_kind.value == 1
     assert [k.value for k in RequestOutputKind] == [0, 1, 2]
+
+
+def test_seed_must_fit_a_generator():
+    with pytest.raises(ValueError, match="seed"):
+        SamplingParams(seed=2**64)
+    SamplingParams(seed=2**64 - 1)

@@ -274,3 +274,53 @@ def test_offline_progress_bar(engine, capsys):
     assert "Processed prompts" in err and "4/4" in err and "output:" in err and "toks/s" in err
     engine.generate(PROMPTS[:2], GREEDY, use_tqdm=False)
     assert "Processed prompts" not in capsys.readouterr().err
+
+
+def test_max_num_seqs_counts_every_sample_of_a_request(path):
+    eng = Engine(path, device="cpu", max_model_len=128, max_num_seqs=5)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        eng.add_request("too-wide", PROMPTS[0], SamplingParams(n=6, max_tokens=2))
+    for i in range(3):
+        eng.add_request(f"n4-{i}", PROMPTS[i], SamplingParams(n=4, temperature=1.0, max_tokens=6, ignore_eos=True))
+    peak = 0
+    while eng.has_unfinished_requests():
+        eng.step()
+        peak = max(peak, len(eng.scheduler.running))
+    assert peak == 4     # one n=4 request at a time: two would be 8 > 5
+    assert_idle(eng)
+
+
+def test_preemption_takes_the_lowest_priority_first(path):
+    # 20 blocks of 4 tokens; a low-priority request decodes while a high-priority long prompt is
+    # prefilled in chunks: when blocks run out, the low-priority one must give way.
+    eng = Engine(path, device="cpu", max_model_len=80, block_size=4, kv_cache_memory=PER_TOKEN * 80,
+                 max_num_batched_tokens=8, max_num_seqs=4)
+    eng.add_request("low", PROMPTS[1], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), priority=9)
+    for _ in range(4):
+        eng.step()
+    eng.add_request("high", PROMPTS[3][:60], SamplingParams(temperature=0, max_tokens=12, ignore_eos=True),
+                    priority=0)
+    finals = {}
+    while eng.has_unfinished_requests():
+        finals.update({o.request_id: o for o in eng.step() if o.finished})
+    assert finals["high"].metrics.num_preemptions == 0 and finals["low"].metrics.num_preemptions >= 1
+    assert_idle(eng)
+
+
+def test_stop_token_text_is_not_in_the_output(engine, alone):
+    stop = alone[2][5]
+    (out,) = engine.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop]))
+    ids = out.outputs[0].token_ids
+    assert ids[-1] == stop and out.outputs[0].stop_reason == stop
+    assert out.outputs[0].text == engine.tokenizer.decode(ids[:-1], skip_special_tokens=True)
+    (kept,) = engine.generate(PROMPTS[2], SamplingParams(temperature=0, max_tokens=10, stop_token_ids=[stop],
+                                                         include_stop_str_in_output=True))
+    assert kept.outputs[0].text == engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_generate_leaves_other_requests_alone(engine, alone):
+    engine.add_request("0", PROMPTS[0], GREEDY)
+    assert tokens(engine.generate(PROMPTS[:2], GREEDY)) == alone[:2]
+    finals = drive(engine, {0: []})                # "0" was not generate's to collect or abort
+    assert finals["0"].outputs[0].token_ids == alone[0]
+    assert_idle(engine)
