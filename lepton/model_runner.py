@@ -111,10 +111,17 @@ class ModelRunner:
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (copy-on-write before a forward)."""
-        if pairs:
-            data = self.kv_cache.data
-            lk.copy_blocks([kv[0] for kv in data], [kv[1] for kv in data],
-                           torch.tensor(pairs, dtype=torch.int64, device=self.device))
+        if not pairs:
+            return
+        data = self.kv_cache.data
+        k_caches, v_caches = [kv[0] for kv in data], [kv[1] for kv in data]
+        sources = {src for src, _ in pairs}
+        # A block freed and reused within one step can be a source and, later in the list, a
+        # destination; a kernel copying all pairs at once might then read it after the write.
+        # That case (rare) runs the copies one by one, in the order the scheduler made them.
+        batches = [pairs] if not any(dst in sources for _, dst in pairs) else [[p] for p in pairs]
+        for batch in batches:
+            lk.copy_blocks(k_caches, v_caches, torch.tensor(batch, dtype=torch.int64, device=self.device))
 
     # ---- cache-free forward (scoring, embeddings, classification) ----------------------------
     @torch.inference_mode()

@@ -324,3 +324,28 @@ def test_generate_leaves_other_requests_alone(engine, alone):
     finals = drive(engine, {0: []})                # "0" was not generate's to collect or abort
     assert finals["0"].outputs[0].token_ids == alone[0]
     assert_idle(engine)
+
+
+def test_block_copies_that_chain_run_in_order(engine, monkeypatch):
+    """(A -> B) then (C -> A) in one step: B must get A's old content, A then C's. A kernel that
+    copies every pair at once (the CUDA extension) could read A after writing it, so chained
+    copies are issued one call each, in order; independent ones in a single call."""
+    import lepton_kernels
+
+    calls = []
+    real = lepton_kernels.copy_blocks
+    monkeypatch.setattr("lepton.model_runner.lk.copy_blocks",
+                        lambda k, v, mapping: (calls.append(mapping.tolist()), real(k, v, mapping)))
+    data = engine.runner.kv_cache.data
+    saved = data[:, :, :4].clone()
+    try:
+        for b in range(4):
+            data[:, :, b] = float(b + 1)
+        engine.runner.copy_blocks([(0, 1), (2, 0)])
+        assert calls == [[[0, 1]], [[2, 0]]]
+        assert torch.all(data[:, :, 1] == 1) and torch.all(data[:, :, 0] == 3)
+        calls.clear()
+        engine.runner.copy_blocks([(2, 3), (0, 1)])
+        assert calls == [[[2, 3], [0, 1]]]
+    finally:
+        data[:, :, :4] = saved
