@@ -86,7 +86,8 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         st.check_context(len(ids), max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [st.make_request(rid, ids, params, None, "messages")]
-        return await st.respond(requests, ResponseBuilder("chat", rid, model, body.n, num_logprobs), body, raw)
+        return await st.respond(requests, ResponseBuilder("chat", rid, model, body.n, num_logprobs,
+                                                                 engine.tokenizer), body, raw)
 
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):

@@ -9,6 +9,7 @@ import json
 import time
 
 from ..outputs import CompletionOutput, RequestOutput
+from .token_bytes import token_bytes
 
 
 def sse(payload) -> str:
@@ -28,6 +29,11 @@ def _ranked(entry: dict, n: int) -> list:
     return sorted((lp for lp in entry.values() if lp.rank is not None and lp.rank <= n), key=lambda lp: lp.rank)
 
 
+def _ranked_ids(entry: dict, n: int) -> list[tuple[int, object]]:
+    return sorted(((t, lp) for t, lp in entry.items() if lp.rank is not None and lp.rank <= n),
+                  key=lambda item: item[1].rank)
+
+
 def completion_logprobs(c: CompletionOutput, n: int, text_offset: int = 0) -> dict | None:
     """OpenAI's legacy completions format: tokens, token_logprobs, top_logprobs, text_offset."""
     if c.logprobs is None:
@@ -45,26 +51,29 @@ def completion_logprobs(c: CompletionOutput, n: int, text_offset: int = 0) -> di
     return {"tokens": tokens, "token_logprobs": values, "top_logprobs": tops, "text_offset": offsets}
 
 
-def chat_logprobs(c: CompletionOutput, n: int) -> dict | None:
+def chat_logprobs(c: CompletionOutput, n: int, tokenizer=None) -> dict | None:
     """OpenAI's chat format: content = [{token, logprob, bytes, top_logprobs: [...]}, ...]."""
     if c.logprobs is None:
         return None
 
-    def item(lp) -> dict:
+    def item(token_id: int, lp) -> dict:
         text = lp.decoded_token or ""
-        return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+        return {"token": text, "logprob": lp.logprob, "bytes": token_bytes(tokenizer, token_id, text)}
 
     content = []
     for token_id, entry in zip(c.token_ids, c.logprobs):
-        content.append(dict(item(entry[token_id]), top_logprobs=[item(lp) for lp in _ranked(entry, n)]))
+        content.append(dict(item(token_id, entry[token_id]),
+                            top_logprobs=[item(t, lp) for t, lp in _ranked_ids(entry, n)]))
     return {"content": content}
 
 
 class ResponseBuilder:
     """Shapes outputs of one API call (several prompts, n samples each) as OpenAI objects."""
 
-    def __init__(self, kind: str, request_id: str, model: str, n: int, num_logprobs: int | None):
+    def __init__(self, kind: str, request_id: str, model: str, n: int, num_logprobs: int | None,
+                 tokenizer=None):
         self.kind, self.id, self.model, self.n = kind, request_id, model, n
+        self.tokenizer = tokenizer
         self.num_logprobs = num_logprobs
         self.created = int(time.time())
         self.completion_tokens = 0
@@ -75,7 +84,7 @@ class ResponseBuilder:
         if self.num_logprobs is None:
             return None
         if self.kind == "chat":
-            return chat_logprobs(c, self.num_logprobs)
+            return chat_logprobs(c, self.num_logprobs, self.tokenizer)
         offset = self._offsets.get(index, 0)
         self._offsets[index] = offset + len(c.text)
         return completion_logprobs(c, self.num_logprobs, offset)
