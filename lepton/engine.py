@@ -23,7 +23,7 @@ from .engine_core import EngineCoreMixin
 from .layers.linear import prepack_model
 from .loader import load_model, read_config, resolve_model_path
 from .model_runner import ModelRunner
-from .offline import run_to_completion
+from .offline import run_to_completion, stream_request
 from .outputs import RequestOutput
 from .sampling import RequestOutputKind, SamplingParams
 from .tasks import TasksMixin
@@ -144,6 +144,15 @@ class Engine(EngineCoreMixin, TasksMixin):
                for c in conversations]
         texts = [self.tokenizer.decode(t) for t in ids]
         return self._generate(texts, ids, sampling_params, use_tqdm)
+
+    def stream(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
+               *, priority: int = 0):
+        """A generator of one request's outputs as tokens arrive (it steps the engine itself);
+        cumulative by default, deltas with SamplingParams(output_kind=RequestOutputKind.DELTA).
+        Breaking out of it aborts the request. Many concurrent streams: see AsyncEngine."""
+        request = self.make_request(request_id or f"stream-{next(self._request_counter)}", prompt,
+                                    sampling_params, priority=priority)
+        return stream_request(self, request)
 
     def _generate(self, texts: list[str | None], ids: list[list[int]], sampling_params,
                   use_tqdm: bool = True) -> list[RequestOutput]:

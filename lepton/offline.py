@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Iterator
 
 from .outputs import RequestOutput
 from .sequence import Request
@@ -58,3 +59,24 @@ def run_to_completion(engine, requests: list[Request], use_tqdm: bool = False) -
             if bar is not None:
                 bar.close()
     return results
+
+
+def stream_request(engine, request: Request) -> Iterator[RequestOutput]:
+    """Queue ``request`` and step the engine, yielding its outputs as they come. Leaving early
+    (break, an exception) aborts it; other requests' outputs wait for the next ``step()``."""
+    foreign: list[RequestOutput] = []
+    finished = False
+    engine.add_prepared(request)
+    try:
+        while not finished:
+            for out in engine.step():
+                if out.request_id != request.request_id:
+                    foreign.append(out)
+                    continue
+                finished = out.finished
+                yield out
+    finally:
+        if not finished:
+            engine.abort(request.request_id)
+        with engine._lock:
+            engine._unclaimed_outputs.extend(foreign)

@@ -349,3 +349,18 @@ def test_block_copies_that_chain_run_in_order(engine, monkeypatch):
         assert calls == [[[2, 3], [0, 1]]]
     finally:
         data[:, :, :4] = saved
+
+
+def test_synchronous_stream(engine, alone):
+    delta = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    outs = list(engine.stream(PROMPTS[2], delta))
+    assert sum((o.outputs[0].token_ids for o in outs), []) == alone[2]
+    text = engine.generate(PROMPTS[2], GREEDY)[0].outputs[0].text
+    assert "".join(o.outputs[0].text for o in outs) == text and outs[-1].finished
+    with pytest.raises(ValueError, match="empty"):
+        engine.stream([], GREEDY)
+    for i, out in enumerate(engine.stream(PROMPTS[3], SamplingParams(max_tokens=50, ignore_eos=True))):
+        if i == 2:
+            break                    # closing the generator aborts the request
+    assert len(out.outputs[0].token_ids) == 3
+    assert_idle(engine)
