@@ -109,8 +109,8 @@ def test_non_streaming_clients_that_give_up_abort(server, client):
             return await asyncio.gather(*(one(ac) for _ in range(16)))
 
     outcomes = asyncio.run(main())
-    if "gave up" not in outcomes:
-        pytest.skip("the server answered every request within 0.5 s: nothing to abort")
+    # 25600 tokens cannot be generated in 0.5 s here: some clients must have hung up.
+    assert "gave up" in outcomes, "every request was answered within 0.5 s: nothing was aborted"
     start = time.monotonic()
     after = wait_idle(server.url, timeout=30.0)
     busy = time.monotonic() - start
