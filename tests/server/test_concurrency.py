@@ -9,7 +9,6 @@ import asyncio
 import time
 
 import httpx
-import pytest
 
 from tests.server.conftest import API_KEY, IDLE, MODEL_NAME, async_client, auth, read_metrics, wait_idle
 
