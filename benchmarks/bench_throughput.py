@@ -71,8 +71,8 @@ def summarize(name: str, seconds: float, prompt_tokens: int, outputs: list[int],
 
 
 def run_lepton(folder: Path, prompts, out_lens, device: str, dtype: torch.dtype, max_len: int) -> dict:
-    from lepton.engine import Engine
-    from lepton.sampling import SamplingParams
+    from lepton.engine.engine import Engine
+    from lepton.sampling_params import SamplingParams
 
     engine = Engine(folder, device=device, dtype=dtype, max_model_len=max_len, max_num_seqs=64)
     engine.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))   # warm-up
@@ -135,8 +135,8 @@ def host_overhead(num_seqs: int = 256, steps: int = 50, temperature: float = 0.0
     streamed (DELTA outputs, detokenized every step, as a server runs) or offline (FINAL_ONLY).
     The stub's logits are N(0, 4^2) per entry: about as peaked as a trained model's, which
     matters for top_p (the nucleus is then tens of tokens, not most of the vocabulary)."""
-    from lepton.engine import Engine
-    from lepton.sampling import RequestOutputKind, SamplingParams
+    from lepton.engine.engine import Engine
+    from lepton.sampling_params import RequestOutputKind, SamplingParams
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.models.conftest import make_checkpoint

@@ -66,7 +66,7 @@ def child(loader: str, folder: str, dtype_name: str) -> None:
     dtype = getattr(torch, dtype_name)
     imported = time.perf_counter()
     if loader == "lepton":
-        from lepton.engine import Engine
+        from lepton.engine.engine import Engine
         model = Engine(folder, device="cpu", dtype=dtype_name, max_model_len=128).model
     else:
         from transformers import AutoModelForCausalLM

@@ -34,7 +34,7 @@ def _report(benchmark, count):
 
 
 def test_lepton_embed(benchmark, minilm_path, sentences):
-    from lepton.engine import Engine
+    from lepton.engine.engine import Engine
 
     engine = Engine(minilm_path)
     out = benchmark.pedantic(engine.embed, args=(sentences,), rounds=3, warmup_rounds=1)

@@ -46,8 +46,8 @@ def _report(benchmark, batch: int) -> None:
 
 @pytest.mark.parametrize("batch", [1, 8])
 def test_lepton_generate(benchmark, llama_folder, batch):
-    from lepton.engine import Engine
-    from lepton.sampling import SamplingParams
+    from lepton.engine.engine import Engine
+    from lepton.sampling_params import SamplingParams
 
     engine = Engine(llama_folder, device="cpu", max_model_len=256)
     params = SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True)
@@ -79,8 +79,8 @@ def test_same_greedy_tokens(llama_folder):
     at a first divergence is not needed for a random model this size; ties are rare)."""
     from transformers import AutoModelForCausalLM
 
-    from lepton.engine import Engine
-    from lepton.sampling import SamplingParams
+    from lepton.engine.engine import Engine
+    from lepton.sampling_params import SamplingParams
 
     prompts = _prompts(8)
     start = time.perf_counter()

@@ -14,10 +14,10 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "Engine": "lepton.engine",
-    "AsyncEngine": "lepton.async_engine",
-    "SamplingParams": "lepton.sampling",
-    "RequestOutputKind": "lepton.sampling",
+    "Engine": "lepton.engine.engine",
+    "AsyncEngine": "lepton.engine.async_engine",
+    "SamplingParams": "lepton.sampling_params",
+    "RequestOutputKind": "lepton.sampling_params",
     "RequestOutput": "lepton.outputs",
     "CompletionOutput": "lepton.outputs",
 }

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .metrics import RequestMetrics
+from lepton.engine.metrics import RequestMetrics
 
 
 @dataclass(slots=True)

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 import lepton_kernels
-from lepton.cli import main
-from lepton.engine import Engine
-from lepton.sampling import SamplingParams
+from lepton.entrypoints.cli.main import main
+from lepton.engine.engine import Engine
+from lepton.sampling_params import SamplingParams
 from tests.engine import checkpoint
 
 COMMANDS = ("serve", "generate", "chat", "embed", "classify", "bench", "demo", "kernels")
@@ -70,7 +70,7 @@ def test_lepton_kernels_command_lists_every_op():
 
 
 def test_commands_other_than_serve_never_import_the_server_stack():
-    code = ("import sys; from lepton.cli import main; main(['kernels']); "
+    code = ("import sys; from lepton.entrypoints.cli.main import main; main(['kernels']); "
             "print('LOADED', sorted(m for m in ('fastapi', 'uvicorn', 'httpx') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "LOADED []"

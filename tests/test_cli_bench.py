@@ -14,8 +14,8 @@ import time
 import httpx
 import pytest
 
-from lepton.cli_bench_client import RequestResult, SSEParser, StreamRecorder, send_request
-from lepton.cli_bench_stats import format_table, summarize, tpot
+from lepton.entrypoints.cli.bench_client import RequestResult, SSEParser, StreamRecorder, send_request
+from lepton.entrypoints.cli.bench_stats import format_table, summarize, tpot
 from tests.engine import checkpoint
 
 

@@ -7,7 +7,7 @@ import re
 import torch
 
 import lepton_kernels as lk
-from lepton import demo
+from lepton.entrypoints import demo
 
 
 def test_demo_prints_sentences_similarities_labels_and_kernels(capsys):

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from lepton.async_engine import AsyncEngine
-from lepton.engine import Engine
-from lepton.sampling import RequestOutputKind, SamplingParams
+from lepton.engine.async_engine import AsyncEngine
+from lepton.engine.engine import Engine
+from lepton.sampling_params import RequestOutputKind, SamplingParams
 from tests.engine import checkpoint
 
 TEXTS = ["Hello world", "这是一个示例文本。", "Paged attention stores keys and values in fixed-size blocks.",

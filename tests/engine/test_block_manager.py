@@ -6,7 +6,7 @@ import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from lepton.block_manager import BlockManager, NoFreeBlocksError, hash_block_tokens
+from lepton.engine.block_manager import BlockManager, NoFreeBlocksError, hash_block_tokens
 
 
 def run_prompt(bm: BlockManager, seq_id, tokens: list[int]) -> int:

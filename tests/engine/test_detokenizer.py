@@ -15,8 +15,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import lepton.detokenizer as detokenizer
-from lepton.detokenizer import IncrementalDetokenizer
+import lepton.engine.detokenizer as detokenizer
+from lepton.engine.detokenizer import IncrementalDetokenizer
 from tests.models.conftest import CORPUS, make_bpe_tokenizer
 
 TEXTS = CORPUS + [

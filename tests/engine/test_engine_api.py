@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import lepton_kernels
-from lepton.engine import Engine
-from lepton.sampling import SamplingParams
-from lepton.tasks import ZERO_SHOT_SCALE
+from lepton.engine.engine import Engine
+from lepton.sampling_params import SamplingParams
+from lepton.engine.tasks import ZERO_SHOT_SCALE
 from tests.engine import checkpoint
 from tests.models.conftest import load_hf_model
 
@@ -215,7 +215,7 @@ def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
     gets the tokens it would get alone, and no block is lost."""
     import threading
 
-    from lepton.kv_cache import KVCache
+    from lepton.model_executor.kv_cache import KVCache
 
     path = checkpoint(tmp_path_factory, "llama")
     probe = Engine(path, device="cpu", max_model_len=64)
@@ -247,7 +247,7 @@ def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
 def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):
     """The profiled peak (GPU cache sizing) covers forward, logits and the sampler's worst path;
     run here with torch.cuda's memory calls stubbed, since this machine has no GPU."""
-    from lepton import engine_setup
+    from lepton.model_executor import setup as engine_setup
 
     engine = engine_for("llama")
     for name in ("empty_cache", "reset_peak_memory_stats", "synchronize"):

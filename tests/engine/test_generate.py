@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from lepton.engine import Engine
-from lepton.sampling import SamplingParams
+from lepton.engine.engine import Engine
+from lepton.sampling_params import SamplingParams
 from tests.engine import checkpoint
 from tests.models.conftest import load_hf_model
 

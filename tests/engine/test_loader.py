@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lepton.engine import Engine
-from lepton.loader import iter_weights, read_config, resolve_model_path, safetensors_files
+from lepton.engine.engine import Engine
+from lepton.model_executor.loader import iter_weights, read_config, resolve_model_path, safetensors_files
 from tests.engine import checkpoint
 from tests.models.conftest import load_hf_model
 

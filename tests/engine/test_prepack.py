@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lepton.engine import Engine
-from lepton.layers.linear import Linear, PackedWeight, onednn_available
+from lepton.engine.engine import Engine
+from lepton.model_executor.layers.linear import Linear, PackedWeight, onednn_available
 from tests.engine import checkpoint
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
@@ -69,6 +69,6 @@ def test_engine_packs_cpu_float32_models(tmp_path_factory, arch, tied):
 
 
 def _prefill_meta(ids):
-    from lepton.layers.attention import AttentionMetadata
+    from lepton.model_executor.layers.attention import AttentionMetadata
 
     return AttentionMetadata.for_prefill([len(i) for i in ids])

@@ -9,8 +9,8 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from lepton.sampler import SamplingRow, _top_k_top_p, compute_logprobs, sample
-from lepton.sampling import RequestOutputKind, SamplingParams
+from lepton.engine.sampler import SamplingRow, _top_k_top_p, compute_logprobs, sample
+from lepton.sampling_params import RequestOutputKind, SamplingParams
 
 TINY = [1.2, 1.0, 0.7, 0.3, 0.0, -0.4, -0.9, -1.5]   # the fixed distribution, in logits
 

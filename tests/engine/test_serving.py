@@ -12,8 +12,8 @@ import random
 import pytest
 import torch
 
-from lepton.engine import Engine
-from lepton.sampling import RequestOutputKind, SamplingParams
+from lepton.engine.engine import Engine
+from lepton.sampling_params import RequestOutputKind, SamplingParams
 from tests.engine import checkpoint
 from tests.models.conftest import load_hf_model
 
@@ -334,7 +334,7 @@ def test_block_copies_that_chain_run_in_order(engine, monkeypatch):
 
     calls = []
     real = lepton_kernels.copy_blocks
-    monkeypatch.setattr("lepton.model_runner.lk.copy_blocks",
+    monkeypatch.setattr("lepton.model_executor.model_runner.lk.copy_blocks",
                         lambda k, v, mapping: (calls.append(mapping.tolist()), real(k, v, mapping)))
     data = engine.runner.kv_cache.data
     saved = data[:, :, :4].clone()

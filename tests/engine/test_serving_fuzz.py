@@ -8,8 +8,8 @@ from __future__ import annotations
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from lepton.engine import Engine
-from lepton.sampling import SamplingParams
+from lepton.engine.engine import Engine
+from lepton.sampling_params import SamplingParams
 from tests.engine import checkpoint
 
 PREFIXES = [[7, 8, 9, 10, 11, 12, 13], [40, 41, 42, 43, 44, 45, 46, 47, 48], []]

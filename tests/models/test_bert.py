@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from lepton.layers.attention import AttentionMetadata
-from lepton.models.bert import BertForSequenceClassification, BertModel
-from lepton.pooling import Pooler
+from lepton.model_executor.layers.attention import AttentionMetadata
+from lepton.model_executor.models.bert import BertForSequenceClassification, BertModel
+from lepton.model_executor.pooling import Pooler
 
 from .conftest import load_hf_model, load_tokenizer
 

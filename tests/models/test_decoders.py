@@ -13,8 +13,8 @@ import torch
 from safetensors.torch import load_file
 
 import lepton_kernels as lk
-from lepton.layers.attention import AttentionMetadata
-from lepton.models import get_model_class
+from lepton.model_executor.layers.attention import AttentionMetadata
+from lepton.model_executor.models import get_model_class
 
 from .conftest import load_hf_model, make_checkpoint
 
@@ -206,7 +206,7 @@ def test_tied_models_do_not_require_lm_head(tiny_checkpoint):
 @torch.no_grad()
 def test_weight_only_quantized_linears(tiny_checkpoint, bits, group_size):
     """Quantized layers compute with exactly the dequantized weights."""
-    from lepton.layers.linear import Linear
+    from lepton.model_executor.layers.linear import Linear
 
     path = tiny_checkpoint("qwen2", intermediate_size=384)     # int4 groups need K % 32 == 0
     quantized, config = load_lepton(path)
@@ -235,7 +235,7 @@ def test_rope_table_matches_transformers_token_by_token(rope):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from lepton.layers.rotary import build_rope_table, rope_parameters
+    from lepton.model_executor.layers.rotary import build_rope_table, rope_parameters
 
     config = dict(hidden_size=256, num_attention_heads=4, max_position_embeddings=16, rope_theta=10000.0)
     table = build_rope_table(rope_parameters(dict(config, rope_scaling=dict(rope))), 64, 16)
@@ -249,7 +249,7 @@ def test_rope_table_matches_transformers_token_by_token(rope):
 
 
 def test_rope_config_forms_and_bad_type():
-    from lepton.layers.rotary import build_rope_table, rope_parameters
+    from lepton.model_executor.layers.rotary import build_rope_table, rope_parameters
 
     old = dict(max_position_embeddings=64, rope_theta=5e5, rope_scaling={"type": "linear", "factor": 2.0})
     new = dict(max_position_embeddings=64, rope_parameters={"rope_type": "linear", "rope_theta": 5e5, "factor": 2.0})
@@ -293,7 +293,7 @@ def test_bad_config_raises(tiny_checkpoint, arch, change, message):
                                               high_freq_factor=4.0, original_max_position_embeddings=16), 128)])
 def test_scaled_rope_extends_the_engine_context(tmp_path, rope, limit):
     """vLLM's rule for the usable context of scaled RoPE, and the rotary table covers all of it."""
-    from lepton.engine import Engine
+    from lepton.engine.engine import Engine
 
     path = make_checkpoint(tmp_path, "llama", max_position_embeddings=128, rope_parameters=dict(rope, rope_theta=1e4))
     engine = Engine(path, device="cpu")

@@ -30,20 +30,20 @@ GREEDY = dict(temperature=0, extra_body={"ignore_eos": True})
 @pytest.fixture(scope="module")
 def reference(model_dir):
     """lepton's Engine in this process: the greedy reference of what the server must return."""
-    from lepton.engine import Engine
+    from lepton.engine.engine import Engine
 
     return Engine(model_dir, device="cpu", max_model_len=MAX_MODEL_LEN, max_num_seqs=8)
 
 
 def ref_text(reference, prompt, max_tokens: int) -> str:
-    from lepton.sampling import SamplingParams
+    from lepton.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return reference.generate(prompt, params, use_tqdm=False)[0].outputs[0].text
 
 
 def ref_chat(reference, messages, max_tokens: int) -> str:
-    from lepton.sampling import SamplingParams
+    from lepton.sampling_params import SamplingParams
 
     params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
     return reference.chat(messages, params, chat_template=OVERRIDE_TEMPLATE, use_tqdm=False)[0].outputs[0].text

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from lepton.server.token_bytes import token_bytes
+from lepton.entrypoints.server.token_bytes import token_bytes
 from tests.models.conftest import make_bpe_tokenizer
 
 

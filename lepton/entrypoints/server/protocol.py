@@ -1,0 +1,136 @@
+"""Request bodies of the OpenAI-compatible API, and their translation to SamplingParams.
+
+Fields follow OpenAI's completions and chat completions APIs, plus vLLM's extensions (top_k,
+min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids). Unknown fields are ignored,
+as OpenAI's own server does. Unset sampling fields take the checkpoint's generation_config.json
+defaults, then OpenAI's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from lepton.sampling_params import RequestOutputKind, SamplingParams
+from lepton.entrypoints.server.errors import APIError
+
+TokenIds = list[int]
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    temperature: float | None = Field(default=None, ge=0)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_k: int | None = None
+    min_p: float | None = Field(default=None, ge=0, le=1)
+    n: int = Field(default=1, ge=1)
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False
+    min_tokens: int = Field(default=0, ge=0)
+    user: str | None = None
+    skip_special_tokens: bool = True
+
+
+class CompletionRequest(_Common):
+    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    logprobs: int | None = Field(default=None, ge=0)
+    echo: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: Union[str, list[dict[str, Any]], None] = None
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0)
+    add_generation_prompt: bool = True
+
+
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    input: Union[str, list[str], TokenIds, list[TokenIds]]
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool = True
+    add_generation_prompt: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    tokens: TokenIds
+
+
+def message_dicts(messages: list[ChatMessage]) -> list[dict]:
+    """Messages as the chat template wants them; content parts [{"type": "text", ...}] joined."""
+    out = []
+    for m in messages:
+        content = m.content
+        if isinstance(content, list):
+            content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+_DEFAULTS_FROM_CONFIG = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+
+
+def sampling_params(req: _Common, *, max_tokens: int, logprobs: int | None, defaults: dict,
+                    limits: dict, stream: bool) -> SamplingParams:
+    """SamplingParams for a request; APIError(400) naming the field for values out of range."""
+    if req.n > limits["max_n"]:
+        raise APIError(400, f"n must be at most {limits['max_n']}, got {req.n}", param="n")
+    if logprobs is not None and logprobs > limits["max_logprobs"]:
+        raise APIError(400, f"logprobs must be at most {limits['max_logprobs']}, got {logprobs}",
+                       param="logprobs")
+    stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+    if len(stop) > limits["max_stop"]:
+        raise APIError(400, f"at most {limits['max_stop']} stop strings, got {len(stop)}", param="stop")
+    fields = {name: getattr(req, name) if getattr(req, name) is not None else defaults.get(name)
+              for name in _DEFAULTS_FROM_CONFIG}
+    kwargs = {k: v for k, v in fields.items() if v is not None}
+    if kwargs.get("top_k") == 0:
+        kwargs["top_k"] = -1     # 0 means "off" in HF's generation_config
+    try:
+        return SamplingParams(
+            n=req.n, max_tokens=max_tokens, stop=stop, stop_token_ids=req.stop_token_ids, seed=req.seed,
+            presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
+            logit_bias=req.logit_bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+            logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
+    except ValueError as err:
+        message = str(err)
+        raise APIError(400, message, param=message.split(" ", 1)[0]) from None

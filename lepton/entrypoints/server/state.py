@@ -1,0 +1,190 @@
+"""Per-server state and the request plumbing shared by the routes of api_server.py: model and
+limit checks, tokenization, and running requests on the AsyncEngine (streamed or whole)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from pathlib import Path
+
+from fastapi import Request
+from fastapi.responses import Response, StreamingResponse
+
+from lepton.engine.async_engine import AsyncEngine
+from lepton.tokenizer import apply_chat_template, encode
+from lepton.entrypoints.server.errors import APIError
+from lepton.entrypoints.server.metrics import ServerMetrics
+from lepton.entrypoints.server.protocol import message_dicts
+from lepton.entrypoints.server.responses import SSE_DONE, ResponseBuilder, sse
+
+DEFAULT_LIMITS = dict(max_n=16, max_logprobs=20, max_stop=16, max_prompts=256, max_pending=1024)
+
+
+def _generation_defaults(path: Path) -> dict:
+    try:
+        data = json.loads((path / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+class ServerState:
+    def __init__(self, engine, served_model_name, chat_template, limits: dict):
+        self.engine = engine
+        self.async_engine = AsyncEngine(engine) if engine.is_generative else None
+        self.names = list(served_model_name or [Path(engine.model_path).name])
+        self.chat_template = chat_template
+        self.limits = limits
+        self.defaults = _generation_defaults(Path(engine.model_path))
+        self.metrics = ServerMetrics(self.async_engine)
+        self.task_lock = getattr(engine, "_lock", None) or threading.RLock()
+
+    # ---- checks -----------------------------------------------------------------------------------
+    def check_model(self, model: str | None) -> str:
+        if model is not None and model not in self.names:
+            raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                                f"{', '.join(self.names)}", param="model", code="model_not_found")
+        return model or self.names[0]
+
+    def generative(self, what: str) -> AsyncEngine:
+        if self.async_engine is None:
+            raise APIError(400, f"{what} needs a causal language model; this server runs an embedding "
+                                "model (use /v1/embeddings)", param="model")
+        if not self.async_engine.is_running:
+            raise APIError(503, "the engine loop has stopped")
+        return self.async_engine
+
+    def check_context(self, prompt_len: int, max_tokens: int, where: str) -> None:
+        limit = self.engine.max_model_len
+        if max_tokens > limit or prompt_len + max_tokens > limit:
+            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
+                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {where}, "
+                                f"{max_tokens} for the completion). Please reduce the length of the "
+                                f"{where} or max_tokens.", param="max_tokens")
+
+    def submit(self, requests) -> list:
+        """Queue the requests on the engine now (429 past max_pending), so the next request's
+        check already counts them; returns their output queues."""
+        if self.async_engine.num_waiting() + len(requests) > self.limits["max_pending"]:
+            raise APIError(429, f"too many requests queued (limit {self.limits['max_pending']}); retry later")
+        try:
+            return [(r.request_id, self.async_engine.submit(r)) for r in requests]
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    def make_request(self, request_id: str, ids: list[int], params, text: str | None, label: str):
+        try:
+            return self.engine.make_request(request_id, ids, params, prompt_text=text, label=label)
+        except ValueError as err:
+            raise APIError(400, str(err)) from None
+
+    def prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
+        """A completions prompt (string, strings, token ids, lists of token ids) -> (text, ids)."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompt = [prompt]
+        if not prompt:
+            raise APIError(400, "prompt must not be empty", param="prompt")
+        if len(prompt) > self.limits["max_prompts"]:
+            raise APIError(413, f"at most {self.limits['max_prompts']} prompts per request, got {len(prompt)}",
+                           param="prompt")
+        out = []
+        for p in prompt:
+            if isinstance(p, str):
+                if self.engine.tokenizer is None:
+                    raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
+                out.append((p, encode(self.engine.tokenizer, p)[0]))
+            else:
+                out.append((None, list(p)))
+        return out
+
+    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
+        try:
+            return apply_chat_template(self.engine.tokenizer, message_dicts(messages), self.chat_template,
+                                       add_generation_prompt)
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from None
+        except Exception as err:  # a template that fails on these messages (jinja raises its own)
+            raise APIError(400, f"the chat template cannot render these messages: {type(err).__name__}",
+                           param="messages") from None
+
+    # ---- running requests ---------------------------------------------------------------------------
+    async def outputs(self, handles):
+        """(prompt index, delta RequestOutput) of all submitted requests, as they come."""
+        ae = self.async_engine
+        if len(handles) == 1:
+            async for out in ae.outputs(*handles[0]):
+                yield 0, out
+            return
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i, handle):
+            try:
+                async for out in ae.outputs(*handle):
+                    queue.put_nowait((i, out))
+            except BaseException as err:  # noqa: BLE001 (handed to the consumer)
+                queue.put_nowait((i, err))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            remaining = len(tasks)
+            while remaining:
+                i, item = await queue.get()
+                if item is None:
+                    remaining -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield i, item
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    async def final(self, handles) -> list:
+        finals = [None] * len(handles)
+        async for i, out in self.outputs(handles):
+            if out.finished:
+                finals[i] = out
+                self.metrics.observe(out.metrics)
+        return finals
+
+    async def respond(self, requests, builder: ResponseBuilder, body, raw: Request):
+        """An SSE stream when the body asks for one, else the whole response once all finish. A
+        client that disconnects meanwhile cancels the work (its requests abort, freeing blocks)."""
+        handles = self.submit(requests)
+        if body.stream:
+            usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(self.stream(requests, handles, builder, usage), media_type="text/event-stream")
+        work = asyncio.ensure_future(self.final(handles))
+
+        async def disconnected():
+            while (await raw.receive())["type"] != "http.disconnect":
+                pass
+
+        watch = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+            if not work.done():
+                work.cancel()   # its requests abort as the cancellation unwinds them
+            await asyncio.gather(work, watch, return_exceptions=True)
+        if work.cancelled():
+            return Response(status_code=499)   # nobody is listening any more
+        return builder.response(work.result())
+
+    async def stream(self, requests, handles, builder: ResponseBuilder, include_usage: bool):
+        prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+        try:
+            async for i, out in self.outputs(handles):
+                for chunk in builder.chunks(i, out):
+                    yield sse(chunk)
+                if out.finished:
+                    self.metrics.observe(out.metrics)
+            if include_usage:
+                yield sse(builder.usage_chunk(prompt_tokens))
+        except Exception as err:  # noqa: BLE001 (reported in the stream: the status is already sent)
+            yield sse(APIError(500, f"generation failed: {type(err).__name__}").body())
+        yield SSE_DONE

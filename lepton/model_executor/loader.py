@@ -1,0 +1,164 @@
+"""Checkpoint loading: a local folder or a hub id -> config dict + a stream of weights.
+
+    path = resolve_model_path("org/name" or "/path/to/folder")
+    hf_config = read_config(path)
+    model = load_model(path, hf_config, dtype, device)
+
+Weights come from safetensors only: ``model.safetensors``, or the shards listed in
+``model.safetensors.index.json``, memory-mapped with ``safe_open`` and handed tensor by tensor to
+the model, which copies (and so casts) each into its parameter on the target device: host memory
+beyond the model itself peaks near one shard's mapped pages.
+Pickle checkpoints (*.bin, *.pt, ...) are refused: unpickling runs arbitrary code. Nothing from
+the checkpoint is ever executed (no remote code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from lepton.model_executor import models
+
+logger = logging.getLogger(__name__)
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+# Config, tokenizer and sentence-transformers files; weights are chosen after the index is read.
+HUB_PATTERNS = ["*.json", "*.txt", "*.model", "*.jinja", "1_Pooling/*", "2_Normalize/*"]
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_CONVERT_HINT = (
+    "Convert it once, in an environment you trust, with transformers: "
+    "AutoModel.from_pretrained(folder).save_pretrained(new_folder, safe_serialization=True), "
+    "then load new_folder.")
+
+
+def resolve_model_path(model: str | os.PathLike) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, fetched (or found in the HF cache)
+    with only config, safetensors and tokenizer files. HF_HUB_OFFLINE=1 never touches the network."""
+    if not isinstance(model, (str, os.PathLike)) or not str(model):
+        raise ValueError(f"model must be a folder path or a hub id, got {model!r}")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ValueError(f"model {str(model)!r} is a file; pass the folder that holds config.json")
+    text = str(model)
+    if isinstance(model, os.PathLike) or text.startswith(("/", ".", "~")) or not _HUB_ID.match(text):
+        raise FileNotFoundError(f"model folder {text!r} does not exist")
+    return _download(text)
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+    try:
+        folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
+        # Only the weights the loader reads: the index's shards, else model.safetensors, else any
+        # safetensors (some repos ship the same weights twice, e.g. consolidated + sharded).
+        for weights in (_indexed_shards(folder), ["model.safetensors"], ["*.safetensors"]):
+            if weights:
+                folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + weights,
+                                                local_files_only=offline))
+                if any(folder.glob("*.safetensors")):
+                    break
+        return folder
+    except Exception as err:  # the hub raises many types; all mean "not available"
+        where = ("is not in the Hugging Face cache and HF_HUB_OFFLINE is set" if offline
+                 else "could not be fetched from the Hugging Face hub")
+        raise FileNotFoundError(f"model {repo_id!r} is not a local folder and {where} "
+                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+                                ) from None
+
+
+def _indexed_shards(folder: Path) -> list[str]:
+    try:
+        weight_map = json.loads((folder / "model.safetensors.index.json").read_text())["weight_map"]
+        return sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return []
+
+
+def read_config(path: Path) -> dict:
+    """config.json as a dict, with a usable ``architectures`` list."""
+    file = path / "config.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} has no config.json (is it a Hugging Face checkpoint folder?)")
+    try:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{file} must hold a JSON object")
+    archs = config.get("architectures")
+    if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
+        raise ValueError(f"{file} has no 'architectures' list, so the model class is unknown; add e.g. "
+                         f"\"architectures\": [\"LlamaForCausalLM\"] (supported: "
+                         f"{', '.join(models.supported_architectures())})")
+    return config
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    """The checkpoint's safetensors files; refuses pickle-only checkpoints."""
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{index} is not a valid safetensors index (needs 'weight_map'): {err}") from None
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists shards that are missing: {', '.join(missing)}")
+        return files
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{path} holds only pickle checkpoints ({', '.join(pickles)}); lepton loads "
+                         f"safetensors only, because unpickling can run arbitrary code. {_CONVERT_HINT}")
+    raise FileNotFoundError(f"{path} has no *.safetensors weights")
+
+
+def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | None = None
+                 ) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, tensor) over every file, on ``device``; floating tensors cast to ``dtype`` when given,
+    else in the checkpoint's dtype (on the CPU: views of the memory map, no copy)."""
+    from safetensors import SafetensorError, safe_open
+
+    start = time.perf_counter()
+    for i, file in enumerate(files):
+        try:
+            # On cuda, safe_open copies each tensor straight from the mapped file to the GPU.
+            with safe_open(str(file), framework="pt", device=str(device)) as handle:
+                for name in handle.keys():
+                    tensor = handle.get_tensor(name)
+                    if dtype is not None and tensor.is_floating_point():
+                        tensor = tensor.to(dtype)
+                    yield name, tensor
+        except SafetensorError as err:
+            raise ValueError(f"{file} is not a readable safetensors file (truncated or corrupt?): "
+                             f"{err}") from None
+        logger.info("weights: shard %d/%d (%s) read, %.1f s", i + 1, len(files), file.name,
+                    time.perf_counter() - start)
+
+
+def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
+    """Build the architecture's model on ``device`` and fill it from the checkpoint."""
+    cls = models.get_model_class(hf_config["architectures"][0])
+    files = safetensors_files(path)
+    model = cls.from_config(hf_config, dtype, device)
+    # Tensors arrive in the checkpoint's dtype; load_weights copies each into its parameter, and
+    # copy_ casts on the way: one read and one write per weight (casting first doubles the load time).
+    model.load_weights(iter_weights(files, device))
+    model.check_loaded()
+    return model.eval()
