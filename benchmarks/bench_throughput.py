@@ -157,13 +157,13 @@ def host_overhead(num_seqs: int = 256, steps: int = 50, temperature: float = 0.0
         def compute_logits(self, hidden):
             return logits[:hidden.shape[0]]
 
-    engine.runner.model = Stub()
+    engine.executor.runner.model = Stub()
     kind = RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY
     params = SamplingParams(temperature=temperature, top_p=0.9 if temperature else 1.0,
                             max_tokens=steps + 20, ignore_eos=True, output_kind=kind)
     for i in range(num_seqs):
         engine.add_request(f"h{i}", [5 + i % 300] * 16, params)
-    while len(engine.scheduler.running) < num_seqs or any(s.in_prefill for s in engine.scheduler.running):
+    while len(engine.core.scheduler.running) < num_seqs or any(s.in_prefill for s in engine.core.scheduler.running):
         engine.step()
     times = []
     for _ in range(steps):

@@ -5,10 +5,10 @@
         print(out.outputs[0].text)            # cumulative, or only the new text with
                                               # SamplingParams(output_kind=RequestOutputKind.DELTA)
 
-A background thread steps the engine while requests are in flight and hands each RequestOutput
-to the event loop of the caller that owns the request (loop.call_soon_threadsafe), so the event
-loop never waits for a forward. New requests and aborts are queued for that thread and applied
-between steps; an abort is applied at once when no step is running. A caller that stops
+A background thread steps the engine (Engine.step_routed) while requests are in flight; each
+request's sink hands its RequestOutputs to the event loop of the caller that owns it
+(loop.call_soon_threadsafe), so the event loop never waits for a forward. New requests and
+aborts are queued for that thread and applied between steps (at once when it is idle). A caller that stops
 iterating (client disconnect, task cancelled, break) aborts its request, which frees its cache
 blocks within one step. If a step raises, every stream gets the error and ``errored`` is set
 (a server's /health turns 503).
@@ -57,13 +57,14 @@ class AsyncEngine:
                      *, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield the request's outputs as tokens arrive, the last one with ``finished`` set.
         Bad input raises ValueError before anything is queued."""
-        request = self.engine.make_request(request_id or uuid.uuid4().hex, prompt, params, priority=priority)
+        request = self.engine.input_processor.process(request_id or uuid.uuid4().hex, prompt, params,
+                                                      priority=priority)
         async for out in self.stream_prepared(request):
             yield out
 
     def submit(self, request) -> asyncio.Queue:
-        """Queue a request made by Engine.make_request, now (no await: a server counts it at
-        once); returns the queue that ``outputs`` reads. Must run on the caller's event loop."""
+        """Queue a request made by the engine's input processor, now (no await: a server counts
+        it at once); returns the queue that ``outputs`` reads. Must run on the caller's event loop."""
         if self.errored is not None or self._stopped:
             raise EngineDeadError(f"the engine loop has stopped: {self.errored!r}")
         queue: asyncio.Queue = asyncio.Queue()
@@ -94,7 +95,7 @@ class AsyncEngine:
                 self._abort_soon(request_id)
 
     async def stream_prepared(self, request) -> AsyncIterator[RequestOutput]:
-        """``stream`` for a request already made (and so validated) by Engine.make_request."""
+        """``stream`` for a request already made (and so validated) by the input processor."""
         queue = self.submit(request)
         async for out in self.outputs(request.request_id, queue):
             yield out
@@ -108,39 +109,19 @@ class AsyncEngine:
         return out
 
     def num_waiting(self) -> int:
-        """Requests queued and not running yet (read without the engine lock: a gauge)."""
-        return len(self.engine.scheduler.waiting) + len(self._pending_adds)
+        """Requests queued and not running yet (a gauge: never waits for a step)."""
+        return self.engine.stats().num_waiting + len(self._pending_adds)
 
     def num_running(self) -> int:
-        return len(self.engine.scheduler.running)
+        return self.engine.stats().num_running
 
     async def abort(self, request_id: str) -> None:
         self._abort_soon(request_id)
 
     def _abort_soon(self, request_id: str) -> None:
-        # Abort right away when no step holds the engine; otherwise right after the step.
-        if self.engine._lock.acquire(blocking=False):
-            try:
-                self._abort_now([request_id])
-            finally:
-                self.engine._lock.release()
-        else:
-            with self._mutex:
-                self._pending_aborts.append(request_id)
-            self._wakeup.set()
-
-    def _abort_now(self, request_ids: list[str]) -> None:
-        """(Engine lock held.) Abort, and hand each stream still listening its final output:
-        the engine's, or an empty aborted one for a request that never reached the engine."""
-        dropped = set(request_ids)
         with self._mutex:
-            never_added = [r for r in self._pending_adds if r.request_id in dropped]
-            self._pending_adds = [r for r in self._pending_adds if r.request_id not in dropped]
-        for out in self.engine.abort(list(dropped)):
-            self._deliver(out.request_id, out)
-        for request in never_added:
-            self._deliver(request.request_id, RequestOutput(request.request_id, request.prompt,
-                                                            request.prompt_token_ids, [], finished=True))
+            self._pending_aborts.append(request_id)
+        self._wakeup.set()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the loop: abort what is in flight and join the thread."""
@@ -163,16 +144,25 @@ class AsyncEngine:
             with self._mutex:
                 self._pending_aborts.append(request_id)
 
+    def _sink(self, request_id: str):
+        return lambda out: self._deliver(request_id, out)
+
     def _apply_pending(self) -> None:
+        """(Loop thread.) Aborts first, then adds; a request aborted before it was added ends
+        with an empty aborted output."""
         with self._mutex:
-            aborts, self._pending_aborts = self._pending_aborts, []
+            aborts, self._pending_aborts = set(self._pending_aborts), []
+            never_added = [r for r in self._pending_adds if r.request_id in aborts]
+            adds = [r for r in self._pending_adds if r.request_id not in aborts]
+            self._pending_adds = []
         if aborts:
-            self._abort_now(aborts)
-        with self._mutex:
-            adds, self._pending_adds = self._pending_adds, []
+            self.engine.abort(list(aborts))   # their final outputs reach the sinks
+        for request in never_added:
+            self._deliver(request.request_id, RequestOutput(request.request_id, request.prompt,
+                                                            request.prompt_token_ids, [], finished=True))
         for request in adds:
             try:
-                self.engine.add_prepared(request)
+                self.engine.add_processed(request, self._sink(request.request_id))
             except ValueError as err:
                 self._deliver(request.request_id, err)
 
@@ -182,14 +172,11 @@ class AsyncEngine:
             while not self._stopped:
                 self._wakeup.wait(timeout=1.0)
                 self._wakeup.clear()
-                with engine._lock:
+                self._apply_pending()
+                while not self._stopped:
                     self._apply_pending()
-                while engine.has_unfinished_requests() and not self._stopped:
-                    with engine._lock:
-                        self._apply_pending()
-                        outputs = engine.step()
-                    for out in outputs:
-                        self._deliver(out.request_id, out)
+                    if not engine.step_routed():   # nothing left to run
+                        break
         except BaseException as err:  # a dead loop must not hang its callers
             self.errored = err
             with self._mutex:
@@ -197,11 +184,10 @@ class AsyncEngine:
             for rid in ids:
                 self._deliver(rid, EngineDeadError(f"the engine loop failed: {type(err).__name__}: {err}"))
         finally:   # shut down: in-flight requests end with finish_reason "abort"
-            with engine._lock:
-                with self._mutex:
-                    never_added = [r.request_id for r in self._pending_adds]
-                    self._pending_adds = []
-                for out in engine.abort(list(engine._requests)):
-                    self._deliver(out.request_id, out)
-                for rid in never_added:
-                    self._deliver(rid, EngineDeadError("the engine is shutting down"))
+            with self._mutex:
+                never_added = [r.request_id for r in self._pending_adds]
+                self._pending_adds = []
+                ids = list(self._streams)
+            engine.abort(ids)
+            for rid in never_added:
+                self._deliver(rid, EngineDeadError("the engine is shutting down"))

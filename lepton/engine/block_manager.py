@@ -95,6 +95,16 @@ class BlockManager:
         return 1.0 - self.num_free_blocks / self.num_blocks
 
     @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (at allocation)."""
+        return self._queried_tokens
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Prompt tokens the prefix cache served."""
+        return self._hit_tokens
+
+    @property
     def prefix_cache_hit_rate(self) -> float:
         """Prompt tokens served from the cache / prompt tokens allocated (0 before any)."""
         return self._hit_tokens / self._queried_tokens if self._queried_tokens else 0.0

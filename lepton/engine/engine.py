@@ -1,11 +1,20 @@
-"""``Engine``: load a checkpoint and serve it (generate, chat, forward, embed, classify).
+"""``Engine``: load a checkpoint and serve it (generate, chat, stream, forward, embed, classify).
 
     engine = Engine("path/or/hub-id")
     outs = engine.generate(["Hello", [1, 2, 3]], SamplingParams(temperature=0, max_tokens=32))
     outs[0].outputs[0].text
 
-Every argument is checked before anything loads (ValueError naming it). Generation is the serving
-loop of engine_core.py (scheduler, block manager, sampler); the cache-free tasks live in tasks.py.
+A thin front-end over composed parts, each with one job:
+    input processor   prompts -> validated Requests (input_processor.py)
+    engine core       scheduler + block manager + executor: add / step / abort (core.py)
+    output processor  tokens -> text, stop strings, logprobs, RequestOutputs (output_processor.py)
+    tasks             cache-free forwards: preprocess / forward / embed / classify (tasks.py)
+
+One stepping loop drives generation: ``step_routed`` runs one core step, lets the output
+processor turn it into RequestOutputs and hands each to its owner, the sink its request was
+added with (generate's collector, a stream's queue, an AsyncEngine stream). Outputs of requests
+added without a sink (``add_request``) are what ``step()`` returns. So several callers may
+generate, stream and step at once, from several threads, and each gets its own outputs.
 """
 
 from __future__ import annotations
@@ -14,30 +23,34 @@ import dataclasses
 import itertools
 import logging
 import os
+import threading
+import time
+from collections import deque
 
 import torch
 
-from lepton.model_executor import setup
 from lepton.config import EngineConfig
-from lepton.engine.core import EngineCoreMixin
-from lepton.model_executor.layers.linear import prepack_model
-from lepton.model_executor.loader import load_model, read_config, resolve_model_path
-from lepton.model_executor.model_runner import ModelRunner
-from lepton.engine.offline import run_to_completion, stream_request
+from lepton.engine.core import EngineCore
+from lepton.engine.input_processor import InputProcessor, ModelLimits
+from lepton.engine.metrics import EngineStats
+from lepton.engine.output_processor import OutputProcessor
+from lepton.engine.sequence import Request
+from lepton.engine.tasks import Batch, TaskRunner
+from lepton.model_executor import setup
+from lepton.model_executor.executor import InProcessExecutor
+from lepton.model_executor.loader import read_config, resolve_model_path
 from lepton.outputs import RequestOutput
 from lepton.sampling_params import RequestOutputKind, SamplingParams
-from lepton.engine.tasks import TasksMixin
-from lepton.tokenizer import apply_chat_template, encode, load_tokenizer
+from lepton.tokenizer import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
 
-class Engine(EngineCoreMixin, TasksMixin):
+class Engine:
     """An inference engine for one Hugging Face checkpoint (see DESIGN.md for every argument).
 
     ``model``: a local folder or a hub id; None loads the default embedding model
-    (all-MiniLM-L6-v2, from the ``lepton[demo]`` extra). Causal LMs are served with continuous
-    batching (engine_core.py: add_request / step / abort; ``generate`` drives that loop).
+    (all-MiniLM-L6-v2, from the ``lepton[demo]`` extra).
     """
 
     def __init__(self, model: str | os.PathLike | None = None, *, dtype="auto", device="auto",
@@ -56,122 +69,245 @@ class Engine(EngineCoreMixin, TasksMixin):
         self.hf_config = read_config(self.model_path)
         self.device = cfg.device
         self.dtype = setup.resolve_model_dtype(cfg, self.hf_config)
-        self.model = load_model(self.model_path, self.hf_config, self.dtype, self.device)
-        if cfg.quantization is not None:
-            setup.quantize_model(self.model, cfg.quantization)
-        if self.device.type == "cpu" and self.dtype == torch.float32:
-            prepack_model(self.model)   # oneDNN weight layouts for the CPU matmuls
+        self.executor = InProcessExecutor(cfg, self.model_path, self.hf_config, self.dtype)
+        model = self.executor.model
         self.tokenizer = load_tokenizer(self.model_path)
-        self.vocab_size = int(getattr(self.model, "vocab_size", None) or self.hf_config["vocab_size"])
-        self.max_model_len = setup.resolve_max_model_len(cfg, self.hf_config, self.model, self.model_path)
-        self.is_generative = hasattr(self.model, "compute_logits") and hasattr(self.model, "attention_layers")
-        self.pooler = setup.make_pooler(self.model, self.model_path)
-        self.runner = ModelRunner(self.model, self.device, cfg.kernels)
-        self.block_manager = self.scheduler = None
+        self.vocab_size = int(getattr(model, "vocab_size", None) or self.hf_config["vocab_size"])
+        self.max_model_len = setup.resolve_max_model_len(cfg, self.hf_config, model, self.model_path)
+        self.is_generative = hasattr(model, "compute_logits") and hasattr(model, "attention_layers")
+        eos_token_ids = setup.eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
+        self._lock = threading.RLock()   # one step (core + output processor) at a time
+        self.core: EngineCore | None = None
+        self.num_kv_blocks = 0
         if self.is_generative:
-            self._init_kv_cache()
-        self.eos_token_ids = setup.eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
+            self.num_kv_blocks, self.max_model_len = self.executor.plan_kv_cache(self.max_model_len)
+            self.executor.allocate_kv_cache(self.num_kv_blocks)
+            self.core = EngineCore(self.executor, self.num_kv_blocks, block_size=cfg.block_size,
+                                   max_num_seqs=cfg.max_num_seqs,
+                                   max_num_batched_tokens=cfg.max_num_batched_tokens,
+                                   enable_prefix_caching=cfg.enable_prefix_caching,
+                                   eos_token_ids=eos_token_ids)
+            logger.info("KV cache: %d blocks of %d tokens, max_model_len %d", self.num_kv_blocks,
+                        cfg.block_size, self.max_model_len)
+        self.input_processor = InputProcessor(self.tokenizer, ModelLimits(
+            self.vocab_size, self.max_model_len, self.is_generative, self.hf_config["architectures"][0],
+            cfg.max_num_seqs, self.num_kv_blocks * cfg.block_size if self.is_generative else None,
+            cfg.block_size))
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.tasks = TaskRunner(self.executor, self.input_processor, self.tokenizer,
+                                setup.make_pooler(model, self.model_path), cfg.max_num_batched_tokens,
+                                self._lock)
         self._request_counter = itertools.count()
+        self._unclaimed: list[RequestOutput] = []   # outputs of sink-less requests, for step()
+        self.eos_token_ids = eos_token_ids
 
-    def _init_kv_cache(self) -> None:
-        num_blocks, self.max_model_len = setup.plan_kv_cache(self.config, self.runner, self.model,
-                                                             self.dtype, self.max_model_len)
-        self.runner.allocate_kv_cache(num_blocks, self.config.block_size, self.dtype)
-        self._init_serving(num_blocks)
-        logger.info("KV cache: %d blocks of %d tokens, max_model_len %d", num_blocks,
-                    self.config.block_size, self.max_model_len)
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.executor.model
 
-    # ---- input checks ---------------------------------------------------------------------
-    def check_prompt(self, token_ids: list[int], index: int | str, generation: bool) -> None:
-        """ValueError for an empty prompt, out-of-vocabulary ids, or one too long to process.
-        ``index``: the prompt's position in a call, or a label such as "request r1"."""
-        label = f"prompt {index}" if isinstance(index, int) else index
-        if not token_ids:
-            raise ValueError(f"{label} is empty")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise ValueError(f"{label}: token ids must be integers")
-        bad = [t for t in token_ids if not 0 <= t < self.vocab_size]
-        if bad:
-            raise ValueError(f"{label}: token id {bad[0]} is outside the vocabulary "
-                             f"[0, {self.vocab_size})")
-        limit = self.max_model_len - 1 if generation else self.max_model_len
-        if len(token_ids) > limit:
-            room = " and leave room for one generated token" if generation else ""
-            raise ValueError(f"{label} has {len(token_ids)} tokens; it must fit max_model_len "
-                             f"({self.max_model_len}){room}")
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Tokens that end a completion (generation_config.json's, config.json's, the tokenizer's)."""
+        return self._eos_token_ids
 
-    def _require_generative(self, what: str) -> None:
-        if not self.is_generative:
-            raise ValueError(f"{what} needs a causal language model; {self.hf_config['architectures'][0]} "
-                             "is not one (use embed / classify / forward)")
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self._eos_token_ids = frozenset(int(i) for i in ids)
+        if self.core is not None:
+            self.core.eos_token_ids = self._eos_token_ids
+        self.executor.eos_token_ids = self._eos_token_ids
 
-    # ---- generation -----------------------------------------------------------------------
+    # ---- the serving loop ---------------------------------------------------------------------------
+    def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        """Queue a prompt (string or token ids); its outputs come from ``step()``."""
+        self.add_processed(self.input_processor.process(request_id, prompt, params,
+                                                        arrival_time=arrival_time, priority=priority))
+
+    def add_processed(self, request: Request, sink=None) -> None:
+        """Queue a request made by ``input_processor.process``; ``sink(output)`` receives its
+        outputs (None: ``step()`` returns them)."""
+        self.input_processor.require_generative("generation")
+        with self._lock:
+            self.core.add_request(request)
+            self.output_processor.add_request(request, sink)
+
+    def step_routed(self) -> bool:
+        """Run one step and hand every output to its owner; False when there was nothing to run."""
+        with self._lock:
+            core_output = self.core.step()
+            stopped = self.output_processor.process(core_output)
+            if stopped:
+                self.core.finish_stopped(stopped)
+            outputs = self.output_processor.outputs()
+            for out, sink in outputs:
+                if sink is None:
+                    self._unclaimed.append(out)
+                else:
+                    sink(out)
+            return bool(core_output.scheduled)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one scheduled forward; RequestOutputs of the requests added with add_request that
+        made progress (outputs produced meanwhile by other callers' steps come first)."""
+        self.input_processor.require_generative("step")
+        with self._lock:
+            if not self._unclaimed:
+                self.step_routed()
+            outputs, self._unclaimed = self._unclaimed, []
+            return outputs
+
+    def abort(self, request_id: str | list[str]) -> list[RequestOutput]:
+        """Stop requests now and free their blocks; returns their final outputs (finish_reason
+        "abort"), which also reach their sinks. Unknown or finished ids are ignored."""
+        if self.core is None:
+            return []
+        outputs = []
+        with self._lock:
+            for request in self.core.abort(request_id):
+                routed = self.output_processor.abort(request)
+                if routed is None:
+                    continue
+                out, sink = routed
+                outputs.append(out)
+                if sink is not None:
+                    sink(out)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        """Requests in flight, or outputs that the next step() still has to hand out."""
+        return self.core is not None and (self.core.has_unfinished_requests() or bool(self._unclaimed))
+
+    def get_num_unfinished_requests(self) -> int:
+        return 0 if self.core is None else len(self.core.request_ids())
+
+    def stats(self) -> EngineStats:
+        """A snapshot: queues, KV-cache use, prefix-cache queries and hits, counters (never waits
+        for a step; what /metrics reads)."""
+        if self.core is None:
+            return EngineStats(0, 0, 0.0, 0, 0, 0, 0, 0, 0, 0)
+        return self.core.stats()
+
+    # ---- generation -----------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
         """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt,
         in order. All prompts are queued at once and served with continuous batching;
         ``use_tqdm`` shows a progress bar (prompts done, input and output tokens/s)."""
-        self._require_generative("generate")
-        if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts
-                                        and isinstance(prompts[0], int)):
-            prompts = [prompts]
-        if not isinstance(prompts, (list, tuple)) or not prompts:
-            raise ValueError("prompts must be a non-empty string, token-id list, or list of those")
-        texts, ids = [], []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError("this model folder has no tokenizer: pass prompts as token ids")
-                texts.append(prompt)
-                ids.append(encode(self.tokenizer, prompt)[0])
-            elif isinstance(prompt, (list, tuple)):
-                texts.append(None)
-                ids.append(list(prompt))
-            else:
-                raise ValueError(f"prompt {i} must be a string or a list of token ids, got {type(prompt).__name__}")
-        return self._generate(texts, ids, sampling_params, use_tqdm)
+        self.input_processor.require_generative("generate")
+        return self._generate(self.input_processor.prompts(prompts), sampling_params, use_tqdm)
 
     def chat(self, messages, sampling_params: SamplingParams | list[SamplingParams] | None = None, *,
              chat_template: str | None = None, add_generation_prompt: bool = True,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to a conversation [{"role", "content"}, ...] or a list of conversations,
         formatted by the tokenizer's chat template (or ``chat_template``)."""
-        self._require_generative("chat")
-        if not isinstance(messages, (list, tuple)) or not messages:
-            raise ValueError("messages must be a conversation (list of dicts) or a list of conversations")
-        conversations = [messages] if isinstance(messages[0], dict) else list(messages)
-        ids = [apply_chat_template(self.tokenizer, list(c), chat_template, add_generation_prompt)
-               for c in conversations]
-        texts = [self.tokenizer.decode(t) for t in ids]
-        return self._generate(texts, ids, sampling_params, use_tqdm)
+        self.input_processor.require_generative("chat")
+        prompts = self.input_processor.chat(messages, chat_template, add_generation_prompt)
+        return self._generate(prompts, sampling_params, use_tqdm)
+
+    def _generate(self, prompts, sampling_params, use_tqdm: bool) -> list[RequestOutput]:
+        params = self.input_processor.params_per_prompt(sampling_params, len(prompts))
+        # Validate every prompt before queueing any, so a bad one leaves the engine untouched.
+        # A prefix of their own keeps these ids apart from ids callers pass to add_request.
+        requests = [self.input_processor.process(
+            f"generate-{next(self._request_counter)}", prompt,
+            dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY), label=f"prompt {i}")
+            for i, (prompt, p) in enumerate(zip(prompts, params))]
+        return self._run_to_completion(requests, use_tqdm)
+
+    def _run_to_completion(self, requests: list[Request], use_tqdm: bool) -> list[RequestOutput]:
+        """Final outputs of ``requests``, in order. On any exception (KeyboardInterrupt included)
+        those still running are aborted, so no cache block outlives the call."""
+        results: list[RequestOutput | None] = [None] * len(requests)
+        progress = _Progress(len(requests)) if use_tqdm else None
+
+        def collector(i: int):
+            def sink(out: RequestOutput) -> None:
+                if out.finished:
+                    results[i] = out
+                    if progress is not None:
+                        progress.update(out)
+            return sink
+
+        added = []
+        try:
+            for i, request in enumerate(requests):
+                self.add_processed(request, collector(i))
+                added.append(request.request_id)
+            while not all(r is not None for r in results):
+                if not self.step_routed():
+                    with self._lock:   # another caller's step may have just finished ours
+                        if any(r is None for r in results) and not self.core.has_unfinished_requests():
+                            raise RuntimeError("the scheduler went idle with requests unfinished")
+        except BaseException:
+            self.abort([rid for rid, out in zip(added, results) if out is None])
+            raise
+        finally:
+            if progress is not None:
+                progress.close()
+        return results
 
     def stream(self, prompt, sampling_params: SamplingParams | None = None, request_id: str | None = None,
                *, priority: int = 0):
         """A generator of one request's outputs as tokens arrive (it steps the engine itself);
         cumulative by default, deltas with SamplingParams(output_kind=RequestOutputKind.DELTA).
         Breaking out of it aborts the request. Many concurrent streams: see AsyncEngine."""
-        request = self.make_request(request_id or f"stream-{next(self._request_counter)}", prompt,
-                                    sampling_params, priority=priority)
-        return stream_request(self, request)
+        request = self.input_processor.process(request_id or f"stream-{next(self._request_counter)}",
+                                               prompt, sampling_params, priority=priority)
+        return self._stream(request)
 
-    def _generate(self, texts: list[str | None], ids: list[list[int]], sampling_params,
-                  use_tqdm: bool = True) -> list[RequestOutput]:
-        params = self._params_per_prompt(sampling_params, len(ids))
-        # Validate every prompt before queueing any, so a bad one leaves the engine untouched.
-        # A prefix of their own keeps these ids apart from ids callers pass to add_request.
-        requests = [self.make_request(f"generate-{next(self._request_counter)}", tokens,
-                                      dataclasses.replace(p, output_kind=RequestOutputKind.FINAL_ONLY),
-                                      prompt_text=text, label=f"prompt {i}")
-                    for i, (text, tokens, p) in enumerate(zip(texts, ids, params))]
-        return run_to_completion(self, requests, use_tqdm)
+    def _stream(self, request: Request):
+        queue: deque[RequestOutput] = deque()
+        finished = False
+        self.add_processed(request, queue.append)
+        try:
+            while not finished:
+                while queue and not finished:
+                    out = queue.popleft()
+                    finished = out.finished
+                    yield out
+                if not finished:
+                    self.step_routed()
+        finally:
+            if not finished:
+                self.abort(request.request_id)
 
-    @staticmethod
-    def _params_per_prompt(sampling_params, count: int) -> list[SamplingParams]:
-        if sampling_params is None:
-            return [SamplingParams()] * count
-        if isinstance(sampling_params, SamplingParams):
-            return [sampling_params] * count
-        if isinstance(sampling_params, (list, tuple)) and len(sampling_params) == count \
-                and all(isinstance(p, SamplingParams) for p in sampling_params):
-            return list(sampling_params)
-        raise ValueError("sampling_params must be a SamplingParams or a list of them, one per prompt")
+    # ---- cache-free tasks (tasks.py) ------------------------------------------------------------
+    def preprocess(self, inputs) -> Batch:
+        """A text, a list of texts, a list of token ids, or a list of those -> Batch."""
+        return self.tasks.preprocess(inputs)
+
+    def forward(self, batch) -> dict:
+        """The model's outputs for a Batch (or anything preprocess takes); see tasks.py."""
+        return self.tasks.forward(batch)
+
+    def embed(self, texts) -> torch.Tensor:
+        """Embeddings [B, d] (float32, CPU) of a text or a list of texts (or token-id lists)."""
+        return self.tasks.embed(texts)
+
+    def classify(self, texts, labels: list[str] | None = None) -> dict:
+        """{"logits", "labels", "probabilities", "label_names"}; see tasks.py."""
+        return self.tasks.classify(texts, labels)
+
+
+class _Progress:
+    """generate()'s progress bar: prompts done, input and output tokens/s."""
+
+    def __init__(self, total: int):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True,
+                        postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
+        self.start, self.num_in, self.num_out = time.perf_counter(), 0, 0
+
+    def update(self, out: RequestOutput) -> None:
+        self.num_in += len(out.prompt_token_ids)
+        self.num_out += sum(len(c.token_ids) for c in out.outputs)
+        elapsed = time.perf_counter() - self.start
+        self.bar.postfix = (f"est. speed input: {self.num_in / elapsed:.2f} toks/s, "
+                            f"output: {self.num_out / elapsed:.2f} toks/s")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -35,16 +35,22 @@ class RequestMetrics:
         return None if self.finished_time is None else self.finished_time - self.arrival_time
 
 
-@dataclass
+@dataclass(frozen=True)
 class EngineStats:
     """A snapshot of the engine: queue lengths, cache use, and counters since it started."""
 
     num_running: int
     num_waiting: int
     kv_cache_usage: float               # fraction of cache blocks in use (not free, not cached)
-    prefix_cache_hit_rate: float        # prompt tokens served from the prefix cache / prompt tokens
+    prefix_cache_queries: int           # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int              # of those, tokens the cache served
     num_preemptions: int
     num_prompt_tokens: int              # prompt tokens computed (cached ones excluded)
     num_generation_tokens: int
     num_requests_finished: int
     num_requests_aborted: int
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Prompt tokens served from the prefix cache / prompt tokens looked up (0 before any)."""
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0

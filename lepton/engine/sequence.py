@@ -16,9 +16,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from itertools import islice
-
-import torch
 
 from lepton.engine.metrics import RequestMetrics
 from lepton.sampling_params import SamplingParams
@@ -28,25 +25,6 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
-
-
-class OutputView:
-    """The generated part of a sequence's token list, without copying it every step (the
-    sampler mostly needs only its length)."""
-
-    __slots__ = ("_seq",)
-
-    def __init__(self, seq: "Sequence"):
-        self._seq = seq
-
-    def __len__(self) -> int:
-        return len(self._seq.token_ids) - self._seq.num_prompt_tokens
-
-    def __iter__(self):
-        return islice(self._seq.token_ids, self._seq.num_prompt_tokens, None)
-
-    def __getitem__(self, index):
-        return self._seq.token_ids[self._seq.num_prompt_tokens:][index]
 
 
 @dataclass(eq=False)
@@ -59,20 +37,13 @@ class Sequence:
     request: "Request"
     sample_index: int
     token_ids: list[int]
-    generator: torch.Generator | None
+    seed: int | None = None                # this sample's own seed (None: the engine's stream)
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
     status: SequenceStatus = SequenceStatus.WAITING
-    cumulative_logprob: float = 0.0
-    # Per generated token: (sampled logprob, rank, top ids, top logprobs), when logprobs are asked.
-    step_logprobs: list[tuple] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: int | str | None = None
-    detokenizer: object | None = None      # an IncrementalDetokenizer when the model has a tokenizer
-    num_sent_tokens: int = 0               # output tokens already reported (DELTA outputs)
-    finish_sent: bool = False              # the finish reason was reported (DELTA outputs)
-    sampling_row: object | None = None     # the sampler's view of this sequence (made once)
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
@@ -106,9 +77,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
-    @property
-    def text(self) -> str:
-        return "" if self.detokenizer is None else self.detokenizer.text
 
 
 @dataclass(eq=False)
@@ -125,17 +93,14 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int | None = None    # prompt tokens the prefix cache served (first admission)
-    # prompt_logprobs: None for the first token, then per prompt token {id: Logprob}
-    prompt_logprobs: list | None = None
-    prompt_logprobs_sent: bool = False      # DELTA outputs carry them once
+    num_prompt_logprobs: int = 0            # prompt positions scored so far (prompt_logprobs)
     aborted: bool = False
     num_finished_seqs: int = 0
 
     @property
     def needs_prompt_logprobs(self) -> bool:
         """Prompt logprobs were asked for and some are still missing."""
-        return self.params.prompt_logprobs is not None and (
-            self.prompt_logprobs is None or len(self.prompt_logprobs) < len(self.prompt_token_ids))
+        return self.params.prompt_logprobs is not None and self.num_prompt_logprobs < len(self.prompt_token_ids)
 
     @property
     def forked(self) -> bool:

@@ -1,4 +1,4 @@
-"""The engine's cache-free tasks: preprocess, forward, embed, classify (mixed into Engine).
+"""The engine's cache-free tasks: preprocess, forward, embed, classify (``Engine`` delegates here).
 
     forward(batch) on a causal LM     {"logits": next-token logits [B,V], "labels": top-5 next
                                        tokens per input (decoded strings), "probabilities": their
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 
 from lepton.model_executor.pooling import Pooler
-from lepton.tokenizer import encode
 
 TOP_LABELS = 5
 # Similarity scale of the zero-shot softmax: 20 is the scale sentence-transformers' contrastive
@@ -46,49 +45,41 @@ class Batch:
         return len(self.input_ids)
 
 
-def _is_token_ids(value) -> bool:
-    return isinstance(value, (list, tuple)) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+class TaskRunner:
+    """Whole-sequence forwards through the executor, no KV cache. ``lock`` serializes them with
+    the engine's steps (one forward at a time on the model)."""
 
-
-class TasksMixin:
-    """Needs from the engine: tokenizer, runner, model, pooler, max_model_len, vocab_size,
-    config.max_num_batched_tokens and check_prompt()."""
+    def __init__(self, executor, input_processor, tokenizer, pooler: Pooler | None,
+                 max_num_batched_tokens: int, lock):
+        self.executor = executor
+        self.model = executor.model
+        self.input_processor = input_processor
+        self.tokenizer = tokenizer
+        self.pooler = pooler
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.lock = lock
 
     def preprocess(self, inputs) -> Batch:
         """A text, a list of texts, a list of token ids, or a list of those -> Batch."""
-        if isinstance(inputs, str) or _is_token_ids(inputs):
-            inputs = [inputs]
-        if not isinstance(inputs, (list, tuple)) or not inputs:
-            raise ValueError("inputs must be a non-empty string, list of strings or list of token-id lists")
-        ids, types, texts = [], [], []
-        for i, item in enumerate(inputs):
-            if isinstance(item, str):
-                if self.tokenizer is None:
-                    raise ValueError("this model folder has no tokenizer: pass token ids instead of text")
-                tokens, token_types = encode(self.tokenizer, item)
-                texts.append(item)
-            elif isinstance(item, (list, tuple)):
-                tokens, token_types = list(item), None
-                texts.append(None)
-            else:
-                raise ValueError(f"input {i} must be a string or a list of token ids, got {type(item).__name__}")
-            self.check_prompt(tokens, i, generation=False)
-            ids.append(tokens)
-            types.append(token_types or [0] * len(tokens))
+        prompts = self.input_processor.prompts(inputs, what="inputs")
+        for i, prompt in enumerate(prompts):
+            self.input_processor.check_prompt(prompt.token_ids, f"input {i}", generation=False)
+        types = [p.token_type_ids or [0] * len(p.token_ids) for p in prompts]
         has_types = getattr(self.model, "is_encoder", False)
-        return Batch(ids, types if has_types else None, texts)
+        return Batch([p.token_ids for p in prompts], types if has_types else None, [p.text for p in prompts])
 
     def _encode_groups(self, batch: Batch):
         """(hidden[T,H], cu_seqlens[B'+1]) per group of inputs within the token budget."""
-        budget, start = self.config.max_num_batched_tokens, 0
+        budget, start = self.max_num_batched_tokens, 0
         while start < len(batch):
             end, total = start, 0
             while end < len(batch) and (end == start or total + len(batch.input_ids[end]) <= budget):
                 total += len(batch.input_ids[end])
                 end += 1
             types = batch.token_type_ids[start:end] if batch.token_type_ids is not None else None
-            yield self.runner.encode(batch.input_ids[start:end], types)
+            with self.lock:
+                encoded = self.executor.encode(batch.input_ids[start:end], types)
+            yield encoded
             start = end
 
     def _as_batch(self, inputs) -> Batch:
@@ -107,11 +98,9 @@ class TasksMixin:
         logits = torch.cat([self.model.compute_logits(h[cu[1:].long() - 1]).float().cpu()
                             for h, cu in self._encode_groups(batch)])
         probs, ids = logits.softmax(dim=-1).topk(min(TOP_LABELS, logits.shape[-1]), dim=-1)
-        labels = [[self._decode_token(t) for t in row] for row in ids.tolist()]
+        decode = (lambda t: str(t)) if self.tokenizer is None else (lambda t: self.tokenizer.decode([t]))
+        labels = [[decode(t) for t in row] for row in ids.tolist()]
         return {"logits": logits, "labels": labels, "probabilities": probs}
-
-    def _decode_token(self, token_id: int) -> str:
-        return str(token_id) if self.tokenizer is None else self.tokenizer.decode([token_id])
 
     @torch.inference_mode()
     def _pooled(self, batch: Batch) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 import lepton_kernels as lk
 
 from lepton.model_executor.kv_cache import KVCache
-from lepton.model_executor.layers.attention import AttentionMetadata
+from lepton.model_executor.layers.attention import AttentionMetadata, build_attention_metadata
 
 
 class ModelRunner:
@@ -45,20 +45,26 @@ class ModelRunner:
 
     # ---- generation step ------------------------------------------------------------------
     def prepare(self, seqs: list, num_new_tokens: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """input_ids[T], positions[T] and the metadata of one step (tensors on the device).
+                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+        """input_ids[T], positions[T], the metadata of one step (tensors on the device) and
+        first[B], where each caller's sequence b starts in the flattened batch.
+        Decodes (one new token after a cached context) run first, the other sequences keep
+        their order after them (a stable partition: build_attention_metadata sends the leading
+        decodes to the decode kernel and the rest to the prefill kernel).
         Built with numpy on the host (each torch op costs microseconds of dispatch; this runs
         every step for every running sequence) and moved to the device once."""
         bs, num_seqs = self.block_size, len(seqs)
-        starts = [s.num_computed_tokens for s in seqs]
-        if len(num_new_tokens) == sum(num_new_tokens):   # decode only: one token each
+        counts = np.array(num_new_tokens, dtype=np.int64)
+        start = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        order = np.argsort(~((counts == 1) & (start > 0)), kind="stable")
+        seqs, counts, start = [seqs[i] for i in order], counts[order], start[order]
+        starts = start.tolist()
+        if num_seqs == counts.sum():   # decode only: one token each
             tokens = [s.token_ids[c] for s, c in zip(seqs, starts)]
         else:
-            tokens = [t for s, c, n in zip(seqs, starts, num_new_tokens) for t in s.token_ids[c:c + n]]
-        counts = np.array(num_new_tokens, dtype=np.int64)
-        start = np.array(starts, dtype=np.int64)
+            tokens = [t for s, c, n in zip(seqs, starts, counts.tolist()) for t in s.token_ids[c:c + n]]
         seq_lens = start + counts
-        cu = np.zeros(num_seqs + 1, dtype=np.int32)
+        cu = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts, out=cu[1:])
         # Token t belongs to sequence seq_of[t]; its position is its offset in the step + c_b.
         seq_of = np.repeat(np.arange(num_seqs), counts)
@@ -70,17 +76,11 @@ class ModelRunner:
             flat += [0] * (width - len(s.block_table))
         block_tables = np.array(flat, dtype=np.int32).reshape(num_seqs, width)
         slot_mapping = block_tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
-        dev = self.device
-
-        def put(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(dev)
-
-        meta = AttentionMetadata(
-            cu_seqlens_q=put(cu), max_seqlen_q=max(num_new_tokens),
-            seq_lens=put(seq_lens.astype(np.int32)), max_seqlen_k=int(seq_lens.max()),
-            block_tables=put(block_tables), slot_mapping=put(slot_mapping),
-            fresh_prefill=not any(starts))
-        return put(np.array(tokens, dtype=np.int64)), put(positions), meta
+        meta = build_attention_metadata(counts, seq_lens, block_tables, slot_mapping, bs, self.device)
+        first = np.empty(num_seqs, dtype=np.int64)
+        first[order] = cu[:-1]
+        ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).to(self.device)
+        return ids, torch.from_numpy(positions).to(self.device), meta, first
 
     @torch.inference_mode()
     def execute(self, seqs: list, num_new_tokens: list[int]) -> torch.Tensor:
@@ -94,12 +94,13 @@ class ModelRunner:
         token of sequence b} for the b with all_logits[b]: prompt logprobs), float32."""
         if not seqs or len(seqs) != len(num_new_tokens) or min(num_new_tokens) < 1:
             raise ValueError("execute needs one or more sequences, each with at least one new token")
-        input_ids, positions, meta = self.prepare(seqs, num_new_tokens)
-        last = meta.cu_seqlens_q[1:].long() - 1
+        input_ids, positions, meta, first = self.prepare(seqs, num_new_tokens)
+        counts = np.array(num_new_tokens, dtype=np.int64)
         full = [b for b, flag in enumerate(all_logits or ()) if flag]
-        # One lm_head call over the last tokens plus every token of the flagged sequences.
-        rows = torch.cat([last] + [torch.arange(int(meta.cu_seqlens_q[b]), int(meta.cu_seqlens_q[b + 1]),
-                                                device=last.device) for b in full])
+        # One lm_head call over the last tokens plus every token of the flagged sequences, rows
+        # in the caller's sequence order (prepare ran decodes first).
+        rows = np.concatenate([first + counts - 1] + [np.arange(first[b], first[b] + counts[b]) for b in full])
+        rows = torch.from_numpy(rows).to(self.device)
         with lk.engine_kernels(self.kernels):
             hidden = self.model(input_ids, positions, meta)
             logits = self.model.compute_logits(hidden[rows]).float()

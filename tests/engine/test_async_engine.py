@@ -33,7 +33,7 @@ def wait_idle(engine: Engine, timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while engine.has_unfinished_requests() and time.monotonic() < deadline:
         time.sleep(0.01)
-    bm = engine.block_manager
+    bm = engine.core.block_manager
     bm.check_invariants()
     assert not engine.has_unfinished_requests()
     assert bm.num_free_blocks == bm.num_blocks

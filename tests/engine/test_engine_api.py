@@ -241,7 +241,7 @@ def test_concurrent_generate_calls_share_one_cache(tmp_path_factory):
         t.join()
     assert not errors
     assert [results[i] for i in range(3)] == alone
-    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    assert engine.core.block_manager.num_free_blocks == engine.core.block_manager.num_blocks
 
 
 def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):
@@ -254,6 +254,6 @@ def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):
         monkeypatch.setattr(torch.cuda, name, lambda *a, **k: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
     seen = []
-    peak = engine.runner.profile_peak_memory(
+    peak = engine.executor.runner.profile_peak_memory(
         24, 16, 40, lambda logits: (seen.append(logits.shape), engine_setup._worst_case_sampling(logits)))
     assert peak == 123 and seen == [(40, engine.vocab_size)]

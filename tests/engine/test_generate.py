@@ -91,8 +91,8 @@ def test_batch_invariance_and_scheduling_limits(engine_for, tmp_path_factory):
                    dict(kv_cache_memory=per_token * 64, max_model_len=64, block_size=4)):
         small = Engine(path, device="cpu", **kwargs)
         assert [o.outputs[0].token_ids for o in small.generate(PROMPTS, params)] == together, kwargs
-        small.block_manager.check_invariants()
-        assert small.block_manager.num_free_blocks == small.block_manager.num_blocks
+        small.core.block_manager.check_invariants()
+        assert small.core.block_manager.num_free_blocks == small.core.block_manager.num_blocks
 
 
 def test_seeded_sampling_is_reproducible_and_batch_independent(engine_for):

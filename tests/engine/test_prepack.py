@@ -60,7 +60,7 @@ def test_engine_packs_cpu_float32_models(tmp_path_factory, arch, tied):
     if not tied:
         unpacked.lm_head = torch.nn.Parameter(model.lm_head_packed.dense_weight(), requires_grad=False)
     batch = engine.preprocess(["Hello world", "a b c d e f"])
-    hidden, cu = engine.runner.encode(batch.input_ids)
+    hidden, cu = engine.executor.runner.encode(batch.input_ids)
     with torch.inference_mode():
         ref = unpacked.compute_logits(unpacked(torch.tensor(sum(batch.input_ids, [])),
                                                torch.cat([torch.arange(len(i)) for i in batch.input_ids]),

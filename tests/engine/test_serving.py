@@ -45,7 +45,7 @@ def tokens(outs) -> list[list[int]]:
 
 
 def assert_idle(engine: Engine) -> None:
-    bm = engine.block_manager
+    bm = engine.core.block_manager
     bm.check_invariants()
     assert bm.num_free_blocks == bm.num_blocks and bm.usage == 0
     stats = engine.stats()
@@ -91,7 +91,7 @@ def test_chunked_prefill_and_limits_change_nothing(path, alone, kwargs):
 def test_preemption_by_recompute(path, alone):
     # 24 blocks of 4 tokens: all nine requests (up to 80 tokens each) cannot run at once.
     tiny = Engine(path, device="cpu", max_model_len=96, block_size=4, kv_cache_memory=PER_TOKEN * 96)
-    assert tiny.block_manager.num_blocks == 24
+    assert tiny.core.block_manager.num_blocks == 24
     outs = tiny.generate(PROMPTS, GREEDY)
     assert tokens(outs) == alone
     assert tiny.stats().num_preemptions > 0
@@ -116,8 +116,8 @@ def test_prefix_cache_serves_repeated_prefixes(path, alone):
 def test_n_samples_share_the_prompt_blocks(path, alone, prefix_caching):
     eng = Engine(path, device="cpu", max_model_len=128, enable_prefix_caching=prefix_caching)
     copies = []
-    real_copy = eng.runner.copy_blocks
-    eng.runner.copy_blocks = lambda pairs: (copies.extend(pairs), real_copy(pairs))
+    real_copy = eng.executor.runner.copy_blocks
+    eng.executor.runner.copy_blocks = lambda pairs: (copies.extend(pairs), real_copy(pairs))
     outs = eng.generate(PROMPTS[1:4], SamplingParams(n=3, temperature=0, max_tokens=10, ignore_eos=True))
     for out, ref in zip(outs, alone[1:4]):
         assert [c.index for c in out.outputs] == [0, 1, 2]
@@ -144,7 +144,7 @@ def test_abort_mid_generation_frees_blocks(engine):
     engine.add_request("y", PROMPTS[4], GREEDY)
     engine.step()
     engine.step()
-    assert engine.block_manager.usage > 0
+    assert engine.core.block_manager.usage > 0
     (out,) = engine.abort("x")
     assert out.finished and out.outputs[0].finish_reason == "abort"
     assert engine.abort("x") == [] and engine.abort("never-added") == []
@@ -285,7 +285,7 @@ def test_max_num_seqs_counts_every_sample_of_a_request(path):
     peak = 0
     while eng.has_unfinished_requests():
         eng.step()
-        peak = max(peak, len(eng.scheduler.running))
+        peak = max(peak, len(eng.core.scheduler.running))
     assert peak == 4     # one n=4 request at a time: two would be 8 > 5
     assert_idle(eng)
 
@@ -336,16 +336,16 @@ def test_block_copies_that_chain_run_in_order(engine, monkeypatch):
     real = lepton_kernels.copy_blocks
     monkeypatch.setattr("lepton.model_executor.model_runner.lk.copy_blocks",
                         lambda k, v, mapping: (calls.append(mapping.tolist()), real(k, v, mapping)))
-    data = engine.runner.kv_cache.data
+    data = engine.executor.runner.kv_cache.data
     saved = data[:, :, :4].clone()
     try:
         for b in range(4):
             data[:, :, b] = float(b + 1)
-        engine.runner.copy_blocks([(0, 1), (2, 0)])
+        engine.executor.runner.copy_blocks([(0, 1), (2, 0)])
         assert calls == [[[0, 1]], [[2, 0]]]
         assert torch.all(data[:, :, 1] == 1) and torch.all(data[:, :, 0] == 3)
         calls.clear()
-        engine.runner.copy_blocks([(2, 3), (0, 1)])
+        engine.executor.runner.copy_blocks([(2, 3), (0, 1)])
         assert calls == [[[2, 3], [0, 1]]]
     finally:
         data[:, :, :4] = saved

@@ -31,7 +31,7 @@ step = st.tuples(st.just("step"), st.integers(1, 4))
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(add, abort, step), min_size=1, max_size=25))
 def test_random_add_abort_step_never_leaks(engine, ops):
-    bm = engine.block_manager
+    bm = engine.core.block_manager
     ids, finished = [], set()
     for op in ops:
         if op[0] == "add":

@@ -11,6 +11,7 @@ Every error is an OpenAI error body (errors.py); limits and keys are checked in 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import base64
 import contextlib
 import uuid
@@ -66,11 +67,9 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         max_tokens = body.max_tokens or 16   # OpenAI's default for completions
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=st.defaults,
                                  limits=st.limits, stream=body.stream)
-        for _, ids in prompts:
-            st.check_context(len(ids), max_tokens, "prompt")
         rid = f"cmpl-{uuid.uuid4().hex}"
-        requests = [st.make_request(f"{rid}-{i}", ids, params, text, f"prompt {i}")
-                    for i, (text, ids) in enumerate(prompts)]
+        requests = [st.make_request(f"{rid}-{i}", prompt, params, f"prompt {i}")
+                    for i, prompt in enumerate(prompts)]
         return await st.respond(requests, ResponseBuilder("completion", rid, model, body.n, body.logprobs),
                                 body, raw)
 
@@ -78,14 +77,14 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         model = st.check_model(body.model)
         st.generative("chat completions")
-        ids = st.chat_ids(body.messages, body.add_generation_prompt)
-        max_tokens = body.max_completion_tokens or body.max_tokens or max(1, engine.max_model_len - len(ids))
+        prompt = st.chat_prompt(body.messages, body.add_generation_prompt)
+        max_tokens = (body.max_completion_tokens or body.max_tokens
+                      or max(1, engine.max_model_len - len(prompt.token_ids)))
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, defaults=st.defaults,
                                  limits=st.limits, stream=body.stream)
-        st.check_context(len(ids), max_tokens, "messages")
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = [st.make_request(rid, ids, params, None, "messages")]
+        requests = [st.make_request(rid, dataclasses.replace(prompt, text=None), params, "messages")]
         return await st.respond(requests, ResponseBuilder("chat", rid, model, body.n, num_logprobs,
                                                                  engine.tokenizer), body, raw)
 
@@ -101,9 +100,8 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
             raise APIError(413, f"at most {st.limits['max_prompts']} inputs per request", param="input")
 
         def run():
-            with st.task_lock:
-                batch = engine.preprocess(list(inputs))
-                return engine.embed(batch), sum(len(ids) for ids in batch.input_ids)
+            batch = engine.preprocess(list(inputs))
+            return engine.embed(batch), sum(len(ids) for ids in batch.input_ids)
 
         try:
             vectors, num_tokens = await asyncio.get_running_loop().run_in_executor(None, run)
@@ -125,7 +123,7 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
         ids = (encode(engine.tokenizer, body.prompt, body.add_special_tokens)[0] if body.prompt is not None
-               else st.chat_ids(body.messages, body.add_generation_prompt))
+               else st.chat_prompt(body.messages, body.add_generation_prompt).token_ids)
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")

@@ -81,8 +81,8 @@ def run_serve(args: argparse.Namespace) -> int:
     packed = [m.packed for m in engine.model.modules() if getattr(m, "packed", None) is not None]
     packed += [h for h in [getattr(engine.model, "lm_head_packed", None)] if h is not None]
     weights += sum(4 * p.out_features * p.in_features for p in packed)   # prepacked: float32
-    cache = engine.runner.kv_cache
-    cache_note = "" if cache is None else f", KV cache {_gib(cache.data.numel() * cache.data.element_size())}"
+    cache_note = (f", KV cache {engine.num_kv_blocks} blocks of {engine.config.block_size} tokens"
+                  if engine.num_kv_blocks else "")
     print(f"lepton: loaded in {time.perf_counter() - start:.1f} s on {engine.device} ({engine.dtype}), "
           f"weights {_gib(weights)}{cache_note}", flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -15,31 +15,34 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.
 
 
 class _EngineCollector:
-    """Reads the engine without its lock (plain attribute reads): a scrape never waits for a step."""
+    """Reads the engine's stats snapshot: a scrape never waits for a step."""
 
     def __init__(self, async_engine):
         self.async_engine = async_engine
 
     def collect(self):
-        ae = self.async_engine
-        engine = ae.engine
-        running = {s.request.request_id for s in list(engine.scheduler.running)}
-        waiting = {s.request.request_id for s in list(engine.scheduler.waiting)}
-        bm, counters = engine.block_manager, engine._counters
+        stats = self.async_engine.engine.stats()
         yield GaugeMetricFamily("lepton_requests_running", "Requests with a sequence running.",
-                                value=len(running))
+                                value=stats.num_running)
         yield GaugeMetricFamily("lepton_requests_waiting", "Requests queued, not running yet.",
-                                value=len(waiting - running) + len(ae._pending_adds))
-        yield GaugeMetricFamily("lepton_kv_cache_usage", "Fraction of KV-cache blocks in use.", value=bm.usage)
+                                value=self.async_engine.num_waiting())
+        yield GaugeMetricFamily("lepton_kv_cache_usage", "Fraction of KV-cache blocks in use.",
+                                value=stats.kv_cache_usage)
         yield GaugeMetricFamily("lepton_prefix_cache_hit_rate",
                                 "Prompt tokens served from the prefix cache / prompt tokens.",
-                                value=bm.prefix_cache_hit_rate)
+                                value=stats.prefix_cache_hit_rate)
+        yield CounterMetricFamily("lepton_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                                  value=stats.prefix_cache_queries)
+        yield CounterMetricFamily("lepton_prefix_cache_hits", "Prompt tokens the prefix cache served.",
+                                  value=stats.prefix_cache_hits)
         yield CounterMetricFamily("lepton_preemptions", "Sequences preempted (recomputed later).",
-                                  value=engine.scheduler.num_preemptions)
-        yield CounterMetricFamily("lepton_prompt_tokens", "Prompt tokens computed.", value=counters["prompt"])
-        yield CounterMetricFamily("lepton_generation_tokens", "Tokens generated.", value=counters["generation"])
-        yield CounterMetricFamily("lepton_requests_finished", "Requests finished.", value=counters["finished"])
-        yield CounterMetricFamily("lepton_requests_aborted", "Requests aborted.", value=counters["aborted"])
+                                  value=stats.num_preemptions)
+        yield CounterMetricFamily("lepton_prompt_tokens", "Prompt tokens computed.", value=stats.num_prompt_tokens)
+        yield CounterMetricFamily("lepton_generation_tokens", "Tokens generated.",
+                                  value=stats.num_generation_tokens)
+        yield CounterMetricFamily("lepton_requests_finished", "Requests finished.",
+                                  value=stats.num_requests_finished)
+        yield CounterMetricFamily("lepton_requests_aborted", "Requests aborted.", value=stats.num_requests_aborted)
 
 
 class ServerMetrics:

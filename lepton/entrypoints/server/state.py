@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
 from lepton.engine.async_engine import AsyncEngine
-from lepton.tokenizer import apply_chat_template, encode
+from lepton.engine.input_processor import Prompt
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.metrics import ServerMetrics
 from lepton.entrypoints.server.protocol import message_dicts
@@ -38,7 +37,6 @@ class ServerState:
         self.limits = limits
         self.defaults = _generation_defaults(Path(engine.model_path))
         self.metrics = ServerMetrics(self.async_engine)
-        self.task_lock = getattr(engine, "_lock", None) or threading.RLock()
 
     # ---- checks -----------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -55,14 +53,6 @@ class ServerState:
             raise APIError(503, "the engine loop has stopped")
         return self.async_engine
 
-    def check_context(self, prompt_len: int, max_tokens: int, where: str) -> None:
-        limit = self.engine.max_model_len
-        if max_tokens > limit or prompt_len + max_tokens > limit:
-            raise APIError(400, f"This model's maximum context length is {limit} tokens. However, you "
-                                f"requested {prompt_len + max_tokens} tokens ({prompt_len} in the {where}, "
-                                f"{max_tokens} for the completion). Please reduce the length of the "
-                                f"{where} or max_tokens.", param="max_tokens")
-
     def submit(self, requests) -> list:
         """Queue the requests on the engine now (429 past max_pending), so the next request's
         check already counts them; returns their output queues."""
@@ -73,14 +63,16 @@ class ServerState:
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
-    def make_request(self, request_id: str, ids: list[int], params, text: str | None, label: str):
+    def make_request(self, request_id: str, prompt: Prompt, params, label: str):
+        """The engine's input processor validates; its ValueError is the client's 400."""
         try:
-            return self.engine.make_request(request_id, ids, params, prompt_text=text, label=label)
+            return self.engine.input_processor.process(request_id, prompt, params, label=label)
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
-    def prompts(self, prompt) -> list[tuple[str | None, list[int]]]:
-        """A completions prompt (string, strings, token ids, lists of token ids) -> (text, ids)."""
+    def prompts(self, prompt) -> list[Prompt]:
+        """A completions prompt (string, strings, token ids, lists of token ids) -> Prompts; the
+        count limit is checked before anything is tokenized."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompt = [prompt]
         if not prompt:
@@ -88,20 +80,15 @@ class ServerState:
         if len(prompt) > self.limits["max_prompts"]:
             raise APIError(413, f"at most {self.limits['max_prompts']} prompts per request, got {len(prompt)}",
                            param="prompt")
-        out = []
-        for p in prompt:
-            if isinstance(p, str):
-                if self.engine.tokenizer is None:
-                    raise APIError(400, "this model has no tokenizer: send token ids", param="prompt")
-                out.append((p, encode(self.engine.tokenizer, p)[0]))
-            else:
-                out.append((None, list(p)))
-        return out
-
-    def chat_ids(self, messages, add_generation_prompt: bool = True) -> list[int]:
         try:
-            return apply_chat_template(self.engine.tokenizer, message_dicts(messages), self.chat_template,
-                                       add_generation_prompt)
+            return self.engine.input_processor.prompts(list(prompt), what="prompt")
+        except ValueError as err:
+            raise APIError(400, str(err), param="prompt") from None
+
+    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> Prompt:
+        try:
+            return self.engine.input_processor.chat(message_dicts(messages), self.chat_template,
+                                                    add_generation_prompt)[0]
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
         except Exception as err:  # a template that fails on these messages (jinja raises its own)

@@ -1,46 +1,27 @@
 """Attention over a flattened batch (no padding), with or without the paged KV cache.
 
-One forward of the model runner carries one :class:`AttentionMetadata` shared by all layers:
-    cu_seqlens_q[B+1]   where each sequence's new tokens start in the flattened batch
-    seq_lens[B]         tokens each sequence has in total after this step (cached + new)
-    block_tables[B,M]   the cache blocks of each sequence, in order
-    slot_mapping[T]     cache slot of each new token (block * block_size + offset; -1: don't cache)
-Prefill of fresh sequences (nothing cached yet) attends over the new K/V directly with
-flash_attention; everything else (decode, chunked prefill, prefill after a cached prefix, mixed
-batches) reads K/V from the paged cache with paged_attention. Encoders pass ``causal=False`` and
-no cache.
+One forward of the model runner carries one :class:`AttentionMetadata` (attention_metadata.py)
+shared by all layers. The layer first writes the step's new K/V to its cache (slot_mapping), then:
+    fresh prefill (nothing cached before this step), or no cache bound (encoders, scoring):
+        flash_attention over the new K/V
+    metadata with the decode / prefill split (build_attention_metadata):
+        decodes (query_len 1, leading tokens)  -> paged_attention, the decode-tuned kernel
+        prefills (the remaining tokens)        -> flash_attention (varlen), over the new K/V, or
+            over each prefill's whole K/V gathered from the cache when some prefill has context
+    metadata without the split (built by hand): paged_attention over the whole step
+Encoders pass ``causal=False`` and no cache.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 import lepton_kernels as lk
 
+from lepton.model_executor.layers.attention_metadata import AttentionMetadata, build_attention_metadata
 
-@dataclass
-class AttentionMetadata:
-    cu_seqlens_q: torch.Tensor             # [B+1] int32
-    max_seqlen_q: int
-    seq_lens: torch.Tensor | None = None   # [B] int32, None when nothing is cached
-    max_seqlen_k: int = 0
-    block_tables: torch.Tensor | None = None   # [B, max_blocks] int32
-    slot_mapping: torch.Tensor | None = None   # [T] int64
-    fresh_prefill: bool = True             # every sequence starts at position 0 in this step
-
-    @property
-    def num_seqs(self) -> int:
-        return self.cu_seqlens_q.numel() - 1
-
-    @classmethod
-    def for_prefill(cls, seq_lens: list[int], device: torch.device | str = "cpu") -> "AttentionMetadata":
-        """Metadata of a cache-free forward over whole sequences (encoders, scoring)."""
-        cu = torch.zeros(len(seq_lens) + 1, dtype=torch.int32)
-        cu[1:] = torch.tensor(seq_lens, dtype=torch.int32).cumsum(0)
-        return cls(cu_seqlens_q=cu.to(device), max_seqlen_q=max(seq_lens), max_seqlen_k=max(seq_lens))
+__all__ = ["Attention", "AttentionMetadata", "build_attention_metadata"]
 
 
 class Attention(nn.Module):
@@ -71,6 +52,33 @@ class Attention(nn.Module):
         if meta.fresh_prefill or self.k_cache is None:
             return lk.flash_attention(q, k, v, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
                                       meta.max_seqlen_q, self.causal, self.scale, self.sliding_window)
-        return lk.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
-                                  meta.cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
-                                  self.sliding_window)
+        if meta.num_decodes is None:
+            return lk.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.seq_lens,
+                                      meta.cu_seqlens_q, meta.max_seqlen_q, meta.max_seqlen_k, self.scale,
+                                      self.sliding_window)
+        n = meta.num_decode_tokens
+        if n == q.shape[0]:
+            return self._decode(q, meta)
+        prefill = self._prefill(q[n:], k[n:], v[n:], meta)
+        # Both halves write fresh tensors; one concatenation puts them back in token order.
+        return prefill if n == 0 else torch.cat([self._decode(q[:n], meta), prefill])
+
+    def _decode(self, q: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """The decode part: one query per sequence, at its last position, against the cache."""
+        return lk.paged_attention(q, self.k_cache, self.v_cache, meta.decode_block_tables,
+                                  meta.decode_seq_lens, meta.decode_cu_seqlens_q, 1,
+                                  meta.decode_max_seqlen_k, self.scale, self.sliding_window)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 meta: AttentionMetadata) -> torch.Tensor:
+        """The prefill part: varlen flash_attention with bottom-right causal alignment. Queries
+        of a prefill with context must see its cached tokens too, so then every prefill's K/V is
+        read back from the cache (where reshape_and_cache just put the new tokens as well) with
+        one index_select per tensor over the flattened slots."""
+        if meta.prefill_has_context:
+            # flatten(0, 1) is a view for the contiguous per-layer caches: no copy of the cache.
+            k = self.k_cache.flatten(0, 1).index_select(0, meta.prefill_kv_slots)
+            v = self.v_cache.flatten(0, 1).index_select(0, meta.prefill_kv_slots)
+        return lk.flash_attention(q, k, v, meta.prefill_cu_seqlens_q, meta.prefill_cu_seqlens_k,
+                                  meta.prefill_max_seqlen_q, meta.prefill_max_seqlen_k, self.causal,
+                                  self.scale, self.sliding_window)

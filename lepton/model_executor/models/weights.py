@@ -35,12 +35,17 @@ class WeightMap:
     ``prefixes``: optional leading parts of checkpoint names (``"model."``, ``"transformer."``)
     that checkpoints of the bare base model lack; a name is looked up as given, then with each
     prefix prepended. ``ignore``: regexes of buffers saved by some checkpoints that carry no
-    weights (rotary inv_freq, GPT-2's attention masks).
+    weights (rotary inv_freq, GPT-2's attention masks). ``renames``: (regex, replacement) pairs
+    applied in turn to a name before that lookup, for other spellings of the same tensor (a task
+    wrapper's ``bert.`` prefix, TensorFlow's LayerNorm ``gamma`` / ``beta``); errors still quote
+    the name as the checkpoint gives it.
     """
 
-    def __init__(self, prefixes: tuple[str, ...] = (), ignore: tuple[str, ...] = ()):
+    def __init__(self, prefixes: tuple[str, ...] = (), ignore: tuple[str, ...] = (),
+                 renames: tuple[tuple[str, str], ...] = ()):
         self.prefixes = prefixes
         self.ignore = [re.compile(p) for p in ignore]
+        self.renames = [(re.compile(p), replacement) for p, replacement in renames]
         self.targets: dict[str, _Target] = {}
         self.optional: set[str] = set()
         self.loaded: set[str] = set()
@@ -56,6 +61,8 @@ class WeightMap:
         return set(self.targets) - self.optional
 
     def _resolve(self, name: str) -> str | None:
+        for pattern, replacement in self.renames:
+            name = pattern.sub(replacement, name)
         for candidate in (name, *(p + name for p in self.prefixes)):
             if candidate in self.targets:
                 return candidate
