@@ -1,4 +1,4 @@
-"""Sampling parameters of one request, as in vLLM; the sampler itself is lepton/sampler.py."""
+"""Sampling parameters of one request, as in vLLM; the sampler itself is lepton/engine/sampler.py."""
 
 from __future__ import annotations
 

@@ -156,6 +156,24 @@ def test_chat_with_system_message_and_template_file(llama, tmp_path):
     assert proc.stdout.decode() == expected[0].outputs[0].text + "\n"
 
 
+def test_chat_fits_replies_to_the_context_and_refuses_a_turn_that_cannot_fit(llama):
+    # --max-tokens past the room left is cut to that room; a turn that leaves no room at all is
+    # refused by the engine's input processor, and the session goes on without it.
+    proc = lepton("chat", "--model", llama, "--max-tokens", "1000", "--ignore-eos", "--max-model-len", "64",
+                  "--device", "cpu", stdin="Hi\n" + "hello " * 100 + "\n/reset\nHi\n")
+    assert proc.returncode == 0, proc.stderr.decode()
+    engine = Engine(llama, device="cpu", max_model_len=64)
+    conversation = [{"role": "user", "content": "Hi"}]
+    room = 64 - len(engine.input_processor.chat(conversation)[0].token_ids)
+    reply = engine.chat(conversation, SamplingParams(temperature=0, max_tokens=room, ignore_eos=True),
+                        use_tqdm=False)[0].outputs[0]
+    assert len(reply.token_ids) == room
+    assert proc.stdout.decode() == f"{reply.text}\n{reply.text}\n"
+    refused = [line for line in proc.stderr.decode().splitlines() if line.startswith("lepton chat: ")]
+    assert len(refused) == 1 and refused[0].startswith("lepton chat: the conversation has ")
+    assert "max_model_len (64)" in refused[0] and refused[0].endswith("; /reset to start over")
+
+
 # ---- embed and classify -------------------------------------------------------------------------
 def test_embed_matches_engine_embed(bert, tmp_path, capsys):
     texts_file, out = tmp_path / "texts.txt", tmp_path / "emb.jsonl"

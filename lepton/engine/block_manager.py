@@ -16,16 +16,16 @@ published blocks, but never the block holding its last token: the model must com
 one prompt token to produce logits to sample from, so a fully cached prompt of k full blocks
 recomputes its last block.
 
-How a scheduler drives it (``seq_id`` is any hashable; ``token_ids`` = prompt + generated):
+How the scheduler and the engine core drive it (``seq_id`` is any hashable; ``token_ids`` =
+prompt + generated):
 
     if bm.can_allocate(prompt_ids, num_lookahead_slots=1):
         seq.num_computed_tokens = bm.allocate(seq_id, prompt_ids)   # = num_cached_tokens
     # every step, for each scheduled sequence contributing n new tokens:
     if not bm.can_append_slots(seq_id, seq.num_computed_tokens, n): preempt something
     cow += bm.append_slots(seq_id, seq.num_computed_tokens, n)       # [(src, dst), ...]
-    if cow: lepton_kernels.copy_blocks(k_caches, v_caches,            # before the forward
-                                       torch.tensor(cow, dtype=torch.int64, device=dev))
-    runner.execute(...) with bm.block_table(seq_id); then advance num_computed_tokens and
+    executor.execute_model(...)   # lepton_kernels.copy_blocks(cow) first, then the forward over
+                                  # bm.block_table(seq_id); then advance num_computed_tokens and
     bm.cache_blocks(seq_id, seq.token_ids, seq.num_computed_tokens)  # publish finished blocks
     bm.fork(parent_id, child_id)                                     # n > 1: share every block
     bm.free(seq_id)                                                  # finished or aborted

@@ -29,7 +29,8 @@ from lepton.engine.block_manager import BlockManager
 from lepton.engine.metrics import EngineStats
 from lepton.engine.scheduler import Scheduler
 from lepton.engine.sequence import Request, Sequence, SequenceStatus
-from lepton.model_executor.executor import Executor, PromptLogprobsRequest, SampleRequest, StepInput
+from lepton.model_executor.executor import Executor
+from lepton.model_executor.step import PromptLogprobsRequest, SampleRequest, StepInput
 
 
 @dataclass(slots=True)

@@ -81,7 +81,7 @@ class Engine:
         self.num_kv_blocks = 0
         if self.is_generative:
             self.num_kv_blocks, self.max_model_len = self.executor.plan_kv_cache(self.max_model_len)
-            self.executor.allocate_kv_cache(self.num_kv_blocks)
+            self.executor.allocate_kv_cache(self.num_kv_blocks, self.max_model_len)
             self.core = EngineCore(self.executor, self.num_kv_blocks, block_size=cfg.block_size,
                                    max_num_seqs=cfg.max_num_seqs,
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,

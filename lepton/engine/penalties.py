@@ -1,99 +1,77 @@
 """Logits processors run before sampling, in place on the sampler's own copy of z[B,V] (float32).
 
-In this order, per row with its request's SamplingParams:
-    min_tokens   while len(output) < min_tokens: z[t] = -inf for t in stop_token_ids and eos
-                 (eos unless ignore_eos)
+In this order, per row b with the step's SamplingMetadata:
+    min_tokens   while steps_b < min_tokens_b: z[t] = -inf for t in stop_token_ids_b and eos
+                 (eos unless ignore_eos_b)
     logit_bias   z[t] += bias[t]
     repetition   for t in prompt | output: z[t] = z[t] / r if z[t] > 0 else z[t] * r    (HF transformers)
     frequency, presence, with c_t the count of t in the output (OpenAI):
                  z[t] -= frequency_penalty * c_t + presence_penalty * (c_t > 0)
-Each builds flat (row, token) index lists once, then makes one indexed write, so the cost grows
-with the number of tokens named, not with the vocabulary. Each returns the rows it changed.
-Token ids >= V (an embedding table larger than the lm_head) can never be sampled and are skipped,
-except in logit_bias, where naming one is the caller's error.
+Each is a few whole-batch tensor ops (a scatter over the rows' token tensors, then elementwise
+math), with no loop over rows; rows that do not use a processor get its neutral value and come
+out bit-for-bit unchanged. Token ids >= V (an embedding table larger than the lm_head) can never
+be sampled and are skipped, except in logit_bias, where naming one is the caller's error.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
-from itertools import chain
-
-import numpy as np
 import torch
 
-
-def ban_stop_tokens(z: torch.Tensor, rows: Sequence, eos_token_ids: Collection[int]) -> list[int]:
-    """min_tokens: -inf on the tokens that would end each row's completion too early."""
-    vocab = z.shape[1]
-    index_rows, index_tokens, changed = [], [], []
-    for b, row in enumerate(rows):
-        params = row.params
-        if len(row.output_token_ids) >= params.min_tokens:
-            continue
-        eos = () if params.ignore_eos else eos_token_ids
-        banned = [t for t in chain(params.stop_token_ids, eos) if t < vocab]
-        if banned:
-            changed.append(b)
-            index_rows += [b] * len(banned)
-            index_tokens += banned
-    if changed:
-        z[_index(index_rows, z), _index(index_tokens, z)] = float("-inf")
-    return changed
+from lepton.engine.sampling_metadata import SamplingMetadata
 
 
-def add_logit_bias(z: torch.Tensor, rows: Sequence) -> list[int]:
-    vocab = z.shape[1]
-    index_rows, index_tokens, values, changed = [], [], [], []
-    for b, row in enumerate(rows):
-        bias = row.params.logit_bias
-        if bias:
-            changed.append(b)
-            index_rows += [b] * len(bias)
-            index_tokens += bias.keys()
-            values += bias.values()
-    if changed:
-        if max(index_tokens) >= vocab:
-            raise ValueError(f"logit_bias names token {max(index_tokens)}, outside the vocabulary "
-                             f"of {vocab} tokens")
-        z.index_put_((_index(index_rows, z), _index(index_tokens, z)),
-                     torch.tensor(values, dtype=z.dtype, device=z.device), accumulate=True)
-    return changed
+def apply_logits_processors(z: torch.Tensor, md: SamplingMetadata, eos_token_ids: torch.Tensor | None) -> None:
+    if md.min_tokens is not None:
+        ban_stop_tokens(z, md, eos_token_ids)
+    if md.logit_bias is not None:
+        add_logit_bias(z, md.logit_bias)
+    if md.token_ids is not None:
+        apply_penalties(z, md)
 
 
-def apply_penalties(z: torch.Tensor, rows: Sequence) -> list[int]:
-    """Repetition, then frequency and presence penalties, for the rows whose params ask."""
-    changed = [b for b, row in enumerate(rows) if row.params.needs_penalties]
-    repeat = [b for b in changed if rows[b].params.repetition_penalty != 1]
-    if repeat:
-        penalty = _per_row(z, rows, "repetition_penalty")
-        r, t = _token_index(z, [rows[b].prompt_token_ids for b in repeat]
-                            + [rows[b].output_token_ids for b in repeat], repeat + repeat)
-        seen, p = z[r, t], penalty[r]
-        # A token seen twice is written twice with the same value: penalized once.
-        z[r, t] = torch.where(seen > 0, seen / p, seen * p)
-    counted = [b for b in changed
-               if rows[b].params.frequency_penalty != 0 or rows[b].params.presence_penalty != 0]
-    if counted:
-        r, t = _token_index(z, [rows[b].output_token_ids for b in counted], counted)
-        z[r, t] = z[r, t] - _per_row(z, rows, "presence_penalty")[r]
-        z.index_put_((r, t), -_per_row(z, rows, "frequency_penalty")[r], accumulate=True)
-    return changed
+def ban_stop_tokens(z: torch.Tensor, md: SamplingMetadata, eos_token_ids: torch.Tensor | None) -> None:
+    """min_tokens: -inf on the tokens that would end a row's completion too early."""
+    count, vocab = z.shape
+    banned = md.stop_token_ids   # [B, S], -1 = padding
+    if eos_token_ids is not None and eos_token_ids.numel():
+        eos = eos_token_ids.to(banned.device).expand(count, -1).masked_fill(md.ignore_eos[:, None], -1)
+        banned = torch.cat([banned, eos], dim=1)
+    ban = (banned >= 0) & (banned < vocab) & (md.steps < md.min_tokens)[:, None]
+    # A scatter of min(z, x): x = -inf bans, x = +inf (padding, finished rows) leaves z as it is,
+    # whichever of several writes to one entry lands first.
+    values = torch.full(banned.shape, float("inf"), dtype=z.dtype, device=z.device).masked_fill_(ban, float("-inf"))
+    z.scatter_reduce_(1, banned.clamp(0, vocab - 1), values, "amin")
 
 
-def _index(values: list[int], z: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.long, device=z.device)
+def add_logit_bias(z: torch.Tensor, bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    rows, ids, values = bias
+    top = int(ids.max())
+    if top >= z.shape[1]:
+        raise ValueError(f"logit_bias names token {top}, outside the vocabulary of {z.shape[1]} tokens")
+    z.index_put_((rows, ids), values.to(z.dtype), accumulate=True)
 
 
-def _per_row(z: torch.Tensor, rows: Sequence, name: str) -> torch.Tensor:
-    return torch.tensor([getattr(row.params, name) for row in rows], dtype=z.dtype, device=z.device)
+def apply_penalties(z: torch.Tensor, md: SamplingMetadata) -> None:
+    """Repetition, then frequency and presence penalties, from token counts of the rows'
+    prompt and output parts, made by one scatter_add each."""
+    count, vocab = z.shape
+    ids = md.token_ids
+    position = torch.arange(ids.shape[1], device=ids.device)
+    valid = (ids >= 0) & (ids < vocab) & (position < md.seq_lens[:, None])
+    output = valid & (position >= md.prompt_lens[:, None])
+    index = ids.clamp(0, vocab - 1)   # entries not valid add 0 wherever they point
 
+    def counts(where: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(z).scatter_add_(1, index, where.to(z.dtype))
 
-def _token_index(z: torch.Tensor, seqs: list[Sequence[int]], row_ids: list[int]
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(row, token) index tensors for every token of every sequence, seqs[i] belonging to row_ids[i]."""
-    lengths = [len(s) for s in seqs]
-    # np.fromiter reads Python ints ~8x faster than torch.tensor does.
-    tokens = torch.from_numpy(np.fromiter(chain.from_iterable(seqs), np.int64, sum(lengths)))
-    index_rows = torch.tensor(row_ids).repeat_interleave(torch.tensor(lengths))
-    keep = (tokens >= 0) & (tokens < z.shape[1])
-    return index_rows[keep].to(z.device), tokens[keep].to(z.device)
+    if md.repetition_penalty is not None:
+        seen = counts(valid) > 0
+        r = md.repetition_penalty[:, None]
+        z.copy_(torch.where(seen, torch.where(z > 0, z / r, z * r), z))
+    if md.frequency_penalty is not None or md.presence_penalty is not None:
+        output_counts, penalty = counts(output), torch.zeros_like(z)
+        if md.frequency_penalty is not None:
+            penalty.addcmul_(output_counts, md.frequency_penalty[:, None])
+        if md.presence_penalty is not None:
+            penalty.addcmul_((output_counts > 0).to(z.dtype), md.presence_penalty[:, None])
+        z.sub_(penalty)

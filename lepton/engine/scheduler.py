@@ -13,7 +13,7 @@ included: its blocks are freed and it returns to the waiting queue, to be recomp
 from its token ids later (prefix caching usually serves most of that recompute). No waiting
 sequence is admitted in a step that preempted.
 
-Requests that could never fit are refused before they get here (Engine.add_request).
+Requests that could never fit are refused before they get here (input_processor.py).
 """
 
 from __future__ import annotations

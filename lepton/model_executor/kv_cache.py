@@ -1,4 +1,5 @@
-"""The paged KV cache: storage and how big to make it (blocks are handed out by block_manager.py).
+"""The paged KV cache: storage and how big to make it (blocks are handed out by
+lepton/engine/block_manager.py).
 
 Per layer, K and V are [num_blocks, block_size, Hk, D]; a sequence owns a list of blocks (its
 block table) and its token at position p lives in slot block_table[p // block_size] * block_size

@@ -1,11 +1,12 @@
-"""The model runner: turns a batch of sequences into one forward over a flattened token batch.
+"""The model runner: one step of the engine core -> one forward over a flattened token batch,
+then sampling.
 
-It knows nothing about scheduling. The scheduler decides
-which sequences run and how many of their pending tokens each contributes; the runner builds
-input ids, positions and attention metadata, runs the model under the engine's kernel choices and
-returns the next-token logits of each sequence:
+It knows nothing about scheduling. The scheduler decides which sequences run and how many of
+their pending tokens each contributes; the runner keeps every running sequence in its persistent
+batch (input_batch.py), builds input ids, positions and attention metadata from it, runs the
+model under the engine's kernel choices and samples the sequences whose tokens are all computed:
 
-    logits = runner.execute(seqs, num_new_tokens)        # [B, V] float32
+    result = runner.execute_model(step_input)            # tokens, logprobs, prompt logprobs
 
 Sequence b contributes token_ids[c_b : c_b + n_b] (c_b = num_computed_tokens) at positions
 c_b .. c_b + n_b - 1, written to slots of its block table. The caller advances num_computed_tokens.
@@ -18,20 +19,30 @@ import torch
 
 import lepton_kernels as lk
 
+from lepton.engine.sampler import compute_logprobs, sample_batch
+from lepton.model_executor.input_batch import InputBatch
 from lepton.model_executor.kv_cache import KVCache
 from lepton.model_executor.layers.attention import AttentionMetadata, build_attention_metadata
+from lepton.model_executor.step import StepInput, StepResult
 
 
 class ModelRunner:
-    def __init__(self, model: torch.nn.Module, device: torch.device, kernels: dict[str, str] | None = None):
+    def __init__(self, model: torch.nn.Module, device: torch.device, kernels: dict[str, str] | None = None,
+                 seed: int = 0):
         self.model = model
         self.device = device
         self.kernels = dict(kernels or {})
         self.kv_cache: KVCache | None = None
+        self.input_batch: InputBatch | None = None
+        # The stream of the rows without a seed of their own.
+        self.generator = torch.Generator(device=device).manual_seed(seed)
 
     # ---- cache ----------------------------------------------------------------------------
-    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype) -> KVCache:
+    def allocate_kv_cache(self, num_blocks: int, block_size: int, dtype: torch.dtype,
+                          max_model_len: int | None = None, max_num_seqs: int = 1) -> KVCache:
+        """The KV cache, and the persistent batch that will index it."""
         m = self.model
+        self.input_batch = InputBatch(max_num_seqs, max_model_len or num_blocks * block_size, block_size)
         self.kv_cache = KVCache(m.num_layers, num_blocks, block_size, m.num_kv_heads, m.head_dim,
                                 dtype, self.device)
         self.kv_cache.bind(list(m.attention_layers()))
@@ -44,71 +55,98 @@ class ModelRunner:
         return self.kv_cache.block_size
 
     # ---- generation step ------------------------------------------------------------------
-    def prepare(self, seqs: list, num_new_tokens: list[int]
-                ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
+    @torch.inference_mode()
+    def execute_model(self, step: StepInput, eos_token_ids: torch.Tensor | None = None) -> StepResult:
+        """One step of the engine core: the persistent batch follows the sequences that joined
+        and left, the forward runs over its rows, and the sampler draws from its parameters."""
+        batch = self.input_batch
+        for seq_id in step.finished_seq_ids:
+            batch.remove(seq_id)
+        self.copy_blocks(step.block_copies)
+        seqs = step.seqs
+        rows = batch.rows(seqs)
+        batch.sync_block_tables(seqs, rows, force=bool(step.block_copies))
+        counts = np.array(step.num_new_tokens, dtype=np.int64)
+        start = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
+        input_ids, positions, meta, first = self._prepare(
+            counts, start, lambda seq_of, pos: batch.token_ids[rows[seq_of], pos],
+            lambda order: batch.block_table[rows[order], :int(batch.num_blocks[rows].max())])
+        logits, full = self._run(input_ids, positions, meta, first, counts, [r.row for r in step.prompt_logprobs])
+        prompt_stats = [compute_logprobs(full[r.row][r.offset:r.offset + len(r.token_ids)],
+                                         torch.tensor(r.token_ids), r.num_top) for r in step.prompt_logprobs]
+        if not step.samples:
+            return StepResult([], [], [], [], [], [], prompt_stats)
+        sample_rows = batch.rows([s.seq for s in step.samples])   # forked samples join here
+        index = [s.row for s in step.samples]
+        if index != list(range(logits.shape[0])):
+            logits = logits[torch.tensor(index, device=logits.device)]
+        out = sample_batch(logits, batch.sampling_metadata(sample_rows, self.device), self.generator,
+                           eos_token_ids)
+        finite = np.array(out.finite, dtype=bool)
+        batch.append_tokens(sample_rows[finite], np.array(out.token_ids, dtype=np.int64)[finite])
+        return StepResult(out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs, out.finite,
+                          prompt_stats)
+
+    def _prepare(self, counts: np.ndarray, start: np.ndarray, gather_tokens, gather_tables
+                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
         """input_ids[T], positions[T], the metadata of one step (tensors on the device) and
-        first[B], where each caller's sequence b starts in the flattened batch.
+        first[B], where each caller's sequence b starts in the flattened batch. Sequence b adds
+        counts[b] tokens after start[b] computed ones; gather_tokens(seq_of, positions) reads
+        tokens, gather_tables(order) the block tables of the sequences in that order.
         Decodes (one new token after a cached context) run first, the other sequences keep
         their order after them (a stable partition: build_attention_metadata sends the leading
-        decodes to the decode kernel and the rest to the prefill kernel).
-        Built with numpy on the host (each torch op costs microseconds of dispatch; this runs
-        every step for every running sequence) and moved to the device once."""
-        bs, num_seqs = self.block_size, len(seqs)
-        counts = np.array(num_new_tokens, dtype=np.int64)
-        start = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        decodes to the decode kernel and the rest to the prefill kernel). Built with numpy on
+        the host (each torch op costs microseconds of dispatch) and moved to the device once."""
+        bs, num_seqs = self.block_size, len(counts)
         order = np.argsort(~((counts == 1) & (start > 0)), kind="stable")
-        seqs, counts, start = [seqs[i] for i in order], counts[order], start[order]
-        starts = start.tolist()
-        if num_seqs == counts.sum():   # decode only: one token each
-            tokens = [s.token_ids[c] for s, c in zip(seqs, starts)]
-        else:
-            tokens = [t for s, c, n in zip(seqs, starts, counts.tolist()) for t in s.token_ids[c:c + n]]
+        counts, start = counts[order], start[order]
         seq_lens = start + counts
         cu = np.zeros(num_seqs + 1, dtype=np.int64)
         np.cumsum(counts, out=cu[1:])
         # Token t belongs to sequence seq_of[t]; its position is its offset in the step + c_b.
         seq_of = np.repeat(np.arange(num_seqs), counts)
-        positions = np.arange(len(tokens)) - cu[:-1][seq_of] + start[seq_of]
-        width = max(len(s.block_table) for s in seqs)
-        flat: list[int] = []
-        for s in seqs:
-            flat += s.block_table
-            flat += [0] * (width - len(s.block_table))
-        block_tables = np.array(flat, dtype=np.int32).reshape(num_seqs, width)
+        positions = np.arange(int(cu[-1])) - cu[:-1][seq_of] + start[seq_of]
+        tokens = gather_tokens(order[seq_of], positions)
+        block_tables = gather_tables(order)
         slot_mapping = block_tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
         meta = build_attention_metadata(counts, seq_lens, block_tables, slot_mapping, bs, self.device)
         first = np.empty(num_seqs, dtype=np.int64)
         first[order] = cu[:-1]
-        ids = torch.from_numpy(np.array(tokens, dtype=np.int64)).to(self.device)
-        return ids, torch.from_numpy(positions).to(self.device), meta, first
+        return (torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device),
+                torch.from_numpy(positions).to(self.device), meta, first)
 
-    @torch.inference_mode()
-    def execute(self, seqs: list, num_new_tokens: list[int]) -> torch.Tensor:
-        """Run n_b new tokens of every sequence; logits[B, V] (float32) after each one's last token."""
-        return self.forward_step(seqs, num_new_tokens)[0]
-
-    @torch.inference_mode()
-    def forward_step(self, seqs: list, num_new_tokens: list[int], all_logits: list[bool] | None = None
-                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """(logits[B, V] after each sequence's last new token, {b: logits[n_b, V] after every new
-        token of sequence b} for the b with all_logits[b]: prompt logprobs), float32."""
-        if not seqs or len(seqs) != len(num_new_tokens) or min(num_new_tokens) < 1:
-            raise ValueError("execute needs one or more sequences, each with at least one new token")
-        input_ids, positions, meta, first = self.prepare(seqs, num_new_tokens)
-        counts = np.array(num_new_tokens, dtype=np.int64)
-        full = [b for b, flag in enumerate(all_logits or ()) if flag]
-        # One lm_head call over the last tokens plus every token of the flagged sequences, rows
-        # in the caller's sequence order (prepare ran decodes first).
+    def _run(self, input_ids, positions, meta, first: np.ndarray, counts: np.ndarray, full: list[int]
+             ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The forward, then one lm_head call over each sequence's last token plus every token of
+        the sequences in ``full`` (prompt logprobs), rows in the caller's order."""
         rows = np.concatenate([first + counts - 1] + [np.arange(first[b], first[b] + counts[b]) for b in full])
         rows = torch.from_numpy(rows).to(self.device)
         with lk.engine_kernels(self.kernels):
             hidden = self.model(input_ids, positions, meta)
             logits = self.model.compute_logits(hidden[rows]).float()
-        extra, start = {}, len(seqs)
+        extra, at = {}, len(counts)
         for b in full:
-            extra[b] = logits[start:start + num_new_tokens[b]]
-            start += num_new_tokens[b]
-        return logits[:len(seqs)], extra
+            extra[b] = logits[at:at + int(counts[b])]
+            at += int(counts[b])
+        return logits[:len(counts)], extra
+
+    @torch.inference_mode()
+    def forward_step(self, seqs: list, num_new_tokens: list[int], all_logits: list[bool] | None = None
+                     ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """The forward alone, for sequences outside the persistent batch (tests, scoring):
+        (logits[B, V] after each sequence's last new token, {b: logits[n_b, V] after every new
+        token of sequence b} for the b with all_logits[b]), float32."""
+        if not seqs or len(seqs) != len(num_new_tokens) or min(num_new_tokens) < 1:
+            raise ValueError("forward_step needs one or more sequences, each with at least one new token")
+        counts = np.array(num_new_tokens, dtype=np.int64)
+        start = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
+        width = max(len(s.block_table) for s in seqs)
+        tables = np.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=np.int32)
+        input_ids, positions, meta, first = self._prepare(
+            counts, start, lambda seq_of, pos: np.array([seqs[b].token_ids[p] for b, p in zip(seq_of, pos)]),
+            lambda order: tables[order])
+        return self._run(input_ids, positions, meta, first, counts,
+                         [b for b, flag in enumerate(all_logits or ()) if flag])
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (copy-on-write before a forward)."""

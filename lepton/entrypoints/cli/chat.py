@@ -2,8 +2,9 @@
 
     lepton chat --model PATH [--system TEXT] [--chat-template FILE] [sampling flags]
 
-Each stdin line is a user turn; the reply's new text is written to stdout as every step produces
-it (Engine.add_request / step with RequestOutputKind.DELTA), then a newline. ``/reset`` starts
+Each stdin line is a user turn. The engine's input processor applies the chat template and
+validates the turn; the reply's new text is written to stdout as every step produces it
+(Engine.add_processed / step with RequestOutputKind.DELTA), then a newline. ``/reset`` starts
 over (keeping --system), ``/exit`` or end of input ends. Ctrl-C during a reply stops that reply.
 Piped input works the same as a terminal, minus the prompt and the banner, so stdout holds only
 the replies.
@@ -16,7 +17,8 @@ import dataclasses
 import itertools
 import sys
 
-from lepton.entrypoints.cli.io import CLIError, add_engine_arguments, add_sampling_arguments, load_engine, sampling_params
+from lepton.entrypoints.cli.io import (CLIError, add_engine_arguments, add_sampling_arguments, load_engine,
+                                       sampling_params)
 
 EXIT_COMMANDS = ("/exit", "/quit")
 
@@ -59,18 +61,21 @@ class ChatSession:
     def reply(self, text: str, out=None) -> str:
         """Add a user turn, stream the assistant's reply to ``out``, keep both; the reply's text.
         ValueError (the conversation unchanged) when the turn cannot be served."""
-        from lepton.tokenizer import apply_chat_template
-
         engine, out = self.engine, out or sys.stdout
         conversation = self.messages + [{"role": "user", "content": text}]
-        ids = apply_chat_template(engine.tokenizer, conversation, self.template)
-        room = engine.max_model_len - len(ids)
-        if room < 1:
-            raise ValueError(f"the conversation has {len(ids)} tokens and no longer fits max_model_len "
-                             f"({engine.max_model_len}); /reset to start over")
-        limit = room if self.params.max_tokens is None else min(self.params.max_tokens, room)
+        prompt = engine.input_processor.chat(conversation, self.template)[0]
+        params = self.params
+        if params.max_tokens is not None:
+            # A long conversation gets the room it has left rather than a refusal. With no room the
+            # input processor refuses the prompt itself; 1 only keeps SamplingParams valid till then.
+            room = engine.max_model_len - len(prompt.token_ids)
+            params = dataclasses.replace(params, max_tokens=max(1, min(params.max_tokens, room)))
         request_id = f"chat-{next(self._ids)}"
-        engine.add_request(request_id, ids, dataclasses.replace(self.params, max_tokens=limit))
+        try:
+            request = engine.input_processor.process(request_id, prompt, params, label="the conversation")
+        except ValueError as err:   # only the conversation's length can fail a templated turn here
+            raise ValueError(f"{err}; /reset to start over") from None
+        engine.add_processed(request)
         parts: list[str] = []
         try:
             while engine.has_unfinished_requests():
@@ -111,8 +116,7 @@ def run_chat(args: argparse.Namespace) -> int:
     template = _read_template(args.chat_template)
     params = sampling_params(args, output_kind=RequestOutputKind.DELTA)
     engine = load_engine(args)
-    if not engine.is_generative:
-        raise CLIError(f"chat needs a causal language model; {engine.hf_config['architectures'][0]} is not one")
+    engine.input_processor.require_generative("chat")
     if template is None and not getattr(engine.tokenizer, "chat_template", None):
         raise CLIError("the model's tokenizer has no chat template; pass --chat-template FILE")
     session = ChatSession(engine, params, args.system, template)

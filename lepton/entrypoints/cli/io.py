@@ -67,7 +67,7 @@ kernel_overrides.__name__ = "op=impl list"
 
 # ---- engine flags -------------------------------------------------------------------------------
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``Engine`` arguments (see lepton/engine.py), checked by the engine before it loads."""
+    """The ``Engine`` arguments (see lepton/engine/engine.py), checked by the engine before it loads."""
     group = parser.add_argument_group("engine")
     group.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
     group.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
@@ -137,7 +137,10 @@ def sampling_params(args: argparse.Namespace, **overrides):
 # ---- inputs and outputs -------------------------------------------------------------------------
 def read_inputs(path: str, keys: tuple[str, ...] = ("prompt",)) -> list:
     """Prompts from a file: one per line, or with a .jsonl suffix one JSON object per line whose
-    first key of ``keys`` present holds a string or a list of token ids. Blank lines are skipped."""
+    first key of ``keys`` present holds a string or a list of token ids. Blank lines are skipped.
+    That shape is checked here, with the line it is on, because ``lepton bench`` sends these
+    prompts to a server and has no engine; generate, embed and classify leave everything else
+    (tokenization, vocabulary, length) to the engine's input processor."""
     file = Path(path)
     try:
         lines = file.read_text(encoding="utf-8").splitlines()

@@ -1,6 +1,6 @@
 """The ``lepton`` command line (also ``python -m lepton``).
 
-    lepton serve PATH [--port 8000] ...        the OpenAI-compatible HTTP server (lepton/server)
+    lepton serve PATH [--port 8000] ...        the OpenAI-compatible server (lepton/entrypoints/server)
     lepton generate --model PATH "prompt" ...  completions; --file prompts, --output JSONL
     lepton chat --model PATH                   an interactive conversation, replies streamed
     lepton embed --model PATH "text" ...       sentence embeddings
@@ -21,11 +21,7 @@ import argparse
 import os
 import sys
 
-from lepton.entrypoints.cli import bench as cli_bench
-
-from lepton.entrypoints.cli import chat as cli_chat
-
-from lepton.entrypoints.cli import offline as cli_offline
+from lepton.entrypoints.cli import bench, chat, offline
 from lepton.entrypoints.cli.io import CLIError
 
 
@@ -84,10 +80,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="lepton", description="lepton inference engine")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_serve(sub, _command_of(argv or []) == "serve")
-    cli_offline.add_generate_parser(sub)
-    cli_chat.add_parser(sub)
-    cli_offline.add_pooling_parsers(sub)
-    cli_bench.add_parser(sub)
+    offline.add_generate_parser(sub)
+    chat.add_parser(sub)
+    offline.add_pooling_parsers(sub)
+    bench.add_parser(sub)
 
     demo = sub.add_parser("demo", help="embed sentences, show similarities and a zero-shot classification")
     demo.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2)")

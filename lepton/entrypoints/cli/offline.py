@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 
 from lepton.entrypoints.cli.io import (CLIError, add_engine_arguments, add_sampling_arguments, gather_inputs,
-                     load_engine, output_file, positive_int, sampling_params, write_jsonl)
+                                       load_engine, output_file, positive_int, sampling_params, write_jsonl)
 
 _TEXT_KEYS = ("text", "prompt")
 

@@ -1,9 +1,10 @@
 """Linear layers: y = x W^T + b, with fused projections and weight-only quantization.
 
 A fused layer stacks several HF projections along the output dim (q|k|v, gate|up) so one
-matmul serves them all; ``output_sizes`` gives the parts and ``load_part`` fills one. After
-loading, ``quantize(bits, group_size)`` swaps the weight for lepton_kernels' packed int8/int4
-form and the forward becomes lepton_kernels.quant_matmul.
+matmul serves them all; ``output_sizes`` gives the parts and ``part_rows(i)`` the rows of one
+(where the weight map loads that HF tensor). After loading, ``quantize(bits, group_size)`` swaps
+the weight for lepton_kernels' packed int8/int4 form and the forward becomes
+lepton_kernels.quant_matmul.
 
 On a CPU in float32, ``prepack()`` reorders the weight once into oneDNN's blocked layout
 (:class:`PackedWeight`): MKL's sgemm otherwise repacks the whole weight on every call, which

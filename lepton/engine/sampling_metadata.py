@@ -1,0 +1,199 @@
+"""The sampler's input for one step: per-row parameter tensors, and the seeded rows' noise streams.
+
+Row b of every [B] or [B, ...] tensor belongs to row b of the step's logits. A field that no row of
+the step needs is None, so the common batch (temperature and top_p, no penalties) pays for nothing
+else. ``from_params`` builds one from SamplingParams from scratch (tests, reference, the per-row
+adapter); a persistent batch fills the same fields from preallocated arrays.
+
+Seeded rows draw their exponential noise from a counter-based hash instead of a stateful
+generator, so a row's draw needs no per-row generator call and depends on nothing but
+(seed, step, token id):
+    key(seed, step)  = mix(mix(seed + G) + step * H)
+    bits(key, t)     = mix(key + t * G)                          (splitmix64: G, H odd constants)
+    U                = (top 52 bits of bits + 1/2) / 2**52       in (0, 1), exact in float64
+    E                = -log U                                    ~ Exp(1)
+where mix is splitmix64's finalizer (Steele, Lea, Flood 2014), all in wrapping 64-bit arithmetic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from lepton.sampling_params import SamplingParams
+
+
+def _int64(value: int) -> int:
+    """The int64 with the same 64 bits as value in [0, 2**64)."""
+    return value - 2**64 if value >= 2**63 else value
+
+
+_G = _int64(0x9E3779B97F4A7C15)   # 2**64 / golden ratio: splitmix64's increment
+_H = _int64(0xD6E8FEB86659FD93)   # another odd constant, so steps and token ids never line up
+_M1, _M2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+
+
+@dataclass
+class SamplingMetadata:
+    """Per-row sampling state of one step (B rows, on the logits' device).
+
+    temperature [B] f32     rows below SAMPLING_EPS are greedy (argmax)
+    all_greedy, all_random  host-side: every row greedy / none greedy
+    top_k [B] i64           0 = off                      None: no row uses it
+    top_p [B] f32           1.0 = off                    None: no row uses it
+    min_p [B] f32           0.0 = off                    None: no row uses it
+    seeds [B] i64           the row's stream key (any int64; see seed_key)
+    seeded [B] bool         rows drawing from their own (seed, step) stream, the others from
+                            the shared generator; seeds and seeded are None when no row is seeded
+    steps [B] i64           output tokens generated so far: the seeded rows' counter and
+                            min_tokens' clock; None when no row is seeded or banning
+    min_tokens [B] i64      with stop_token_ids [B, S] (padded with -1) and ignore_eos [B] bool:
+                            while steps < min_tokens, stop_token_ids and (unless ignore_eos) eos
+                            are banned; all three None when no row bans anything this step
+    logit_bias              flat (rows, token ids, values): z[rows, ids] += values
+    token_ids [B, L] i64    prompt + output tokens, any value past seq_lens; with prompt_lens and
+                            seq_lens [B] i64, only when a row has penalties
+    repetition_penalty, frequency_penalty, presence_penalty [B] f32   None: no row uses it
+    num_logprobs            per row, host-side: top-N logprobs to return, -1 = none; None: no row asks
+    """
+
+    temperature: torch.Tensor
+    all_greedy: bool
+    all_random: bool
+    top_k: torch.Tensor | None = None
+    top_p: torch.Tensor | None = None
+    min_p: torch.Tensor | None = None
+    seeds: torch.Tensor | None = None
+    seeded: torch.Tensor | None = None
+    steps: torch.Tensor | None = None
+    min_tokens: torch.Tensor | None = None
+    stop_token_ids: torch.Tensor | None = None
+    ignore_eos: torch.Tensor | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    token_ids: torch.Tensor | None = None
+    prompt_lens: torch.Tensor | None = None
+    seq_lens: torch.Tensor | None = None
+    repetition_penalty: torch.Tensor | None = None
+    frequency_penalty: torch.Tensor | None = None
+    presence_penalty: torch.Tensor | None = None
+    num_logprobs: list[int] | None = None
+
+    @property
+    def num_rows(self) -> int:
+        return self.temperature.shape[0]
+
+    @property
+    def needs_processors(self) -> bool:
+        return self.min_tokens is not None or self.logit_bias is not None or self.token_ids is not None
+
+    @classmethod
+    def from_params(cls, params: Sequence[SamplingParams], *, device: torch.device | str,
+                    seeds: Sequence[int | None] | None = None, steps: Sequence[int] | None = None,
+                    prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                    output_token_ids: Sequence[Sequence[int]] | None = None) -> SamplingMetadata:
+        """Metadata for rows with these params. seeds: each row's stream seed, None for an
+        unseeded row (default: each params' seed); steps: each row's output length (default: that
+        of output_token_ids, else 0). The token lists are read only when a row has penalties."""
+        count = len(params)
+        for name, value in (("seeds", seeds), ("steps", steps), ("prompt_token_ids", prompt_token_ids),
+                            ("output_token_ids", output_token_ids)):
+            if value is not None and len(value) != count:
+                raise ValueError(f"{name} must have one entry per row ({count}), got {len(value)}")
+        if steps is None:
+            steps = [len(o) for o in output_token_ids] if output_token_ids is not None else [0] * count
+        seeds = [p.seed for p in params] if seeds is None else seeds
+
+        def tensor(values, dtype: torch.dtype) -> torch.Tensor:
+            return torch.tensor(values, dtype=dtype, device=device)
+
+        greedy = [p.greedy for p in params]
+        md = cls(tensor([p.temperature for p in params], torch.float32), all(greedy), not any(greedy))
+        if any(p.top_k > 0 for p in params):
+            md.top_k = tensor([max(p.top_k, 0) for p in params], torch.int64)
+        for name, off in (("top_p", 1.0), ("min_p", 0.0)):
+            if any(getattr(p, name) != off for p in params):
+                setattr(md, name, tensor([getattr(p, name) for p in params], torch.float32))
+        seeded = [s is not None for s in seeds]
+        if any(seeded):
+            md.seeds = tensor([seed_key(s) if s is not None else 0 for s in seeds], torch.int64)
+            md.seeded = tensor(seeded, torch.bool)
+        banning = [n < p.min_tokens for n, p in zip(steps, params)]
+        if any(seeded) or any(banning):
+            md.steps = tensor(list(steps), torch.int64)
+        if any(banning):
+            md.min_tokens = tensor([p.min_tokens for p in params], torch.int64)
+            md.stop_token_ids = _padded([p.stop_token_ids for p in params], -1, device)
+            md.ignore_eos = tensor([p.ignore_eos for p in params], torch.bool)
+        if any(p.logit_bias for p in params):
+            biased = [(b, t, v) for b, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
+            rows, ids, values = zip(*biased)
+            md.logit_bias = (tensor(rows, torch.int64), tensor(ids, torch.int64), tensor(values, torch.float32))
+        if any(p.needs_penalties for p in params):
+            md._add_penalties(params, prompt_token_ids, output_token_ids, device)
+        if any(p.logprobs is not None for p in params):
+            md.num_logprobs = [-1 if p.logprobs is None else p.logprobs for p in params]
+        return md
+
+    def _add_penalties(self, params: Sequence[SamplingParams], prompts, outputs, device) -> None:
+        if prompts is None or outputs is None:
+            raise ValueError("prompt_token_ids and output_token_ids are needed for rows with penalties")
+        prompts, outputs = [list(p) for p in prompts], [list(o) for o in outputs]
+        self.token_ids = _padded([p + o for p, o in zip(prompts, outputs)], 0, device)
+        self.prompt_lens = torch.tensor([len(p) for p in prompts], dtype=torch.int64, device=device)
+        self.seq_lens = self.prompt_lens + torch.tensor([len(o) for o in outputs], dtype=torch.int64, device=device)
+        for name, off in (("repetition_penalty", 1.0), ("frequency_penalty", 0.0), ("presence_penalty", 0.0)):
+            if any(getattr(p, name) != off for p in params):
+                setattr(self, name, torch.tensor([getattr(p, name) for p in params], dtype=torch.float32,
+                                                 device=device))
+
+    @classmethod
+    def from_rows(cls, rows: Sequence, *, device: torch.device | str) -> SamplingMetadata:
+        """For the per-row interface (sampler.SamplingRow): a row with its own generator is seeded
+        with the generator's seed, its step being its output length."""
+        return cls.from_params([r.params for r in rows], device=device,
+                               seeds=[None if r.generator is None else r.generator.initial_seed() for r in rows],
+                               steps=[len(r.output_token_ids) for r in rows],
+                               prompt_token_ids=[r.prompt_token_ids for r in rows],
+                               output_token_ids=[r.output_token_ids for r in rows])
+
+
+def _padded(seqs: Sequence[Sequence[int]], fill: int, device) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=0)
+    return torch.tensor([list(s) + [fill] * (width - len(s)) for s in seqs], dtype=torch.int64,
+                        device=device).view(len(seqs), width)
+
+
+def seed_key(seed: int) -> int:
+    """A seed in [0, 2**64) (SamplingParams.seed, a generator's seed) as the int64 with the same
+    bits, one-to-one; int64 values pass unchanged."""
+    if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
+    return _int64(seed)
+
+
+def _mix_(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer, in place on int64 (torch's multiply wraps; >> is arithmetic, so the
+    mask keeps only the bits a logical shift would)."""
+    x ^= (x >> 30) & (2**34 - 1)
+    x *= _M1
+    x ^= (x >> 27) & (2**37 - 1)
+    x *= _M2
+    x ^= (x >> 31) & (2**33 - 1)
+    return x
+
+
+def stream_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """key(seed, step) [R] i64: the start of the row's stream at this step."""
+    key = _mix_(seeds + _G)
+    key += steps * _H
+    return _mix_(key)
+
+
+def seeded_exponentials(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    """E [R, K] f32 ~ Exp(1), a function of (keys[r], token_ids[r, k]) alone; token_ids [R, K]
+    or [1, K] (the same ids for every row)."""
+    bits = _mix_(token_ids * _G + keys[:, None])
+    u = ((bits >> 12) & (2**52 - 1)).double().add_(0.5).mul_(2.0**-52)
+    return u.log_().neg_().float()
