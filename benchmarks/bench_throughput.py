@@ -129,6 +129,40 @@ def run_transformers(folder: Path, prompts, out_lens, device: str, dtype: torch.
                      ttft, tpot, dict(computed_output_tokens=computed))
 
 
+def single_stream(folder: Path, device: str, dtype: torch.dtype, prompt_len: int = 32, new_tokens: int = 128,
+                  repeats: int = 3) -> list[dict]:
+    """Decode tok/s of one request (batch 1): lepton vs transformers, best of ``repeats``; the
+    per-token host time is what separates engines here."""
+    from transformers import AutoModelForCausalLM
+
+    from lepton.engine.engine import Engine
+    from lepton.sampling_params import SamplingParams
+
+    prompt = torch.randint(3, COMMON["vocab_size"], (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine = Engine(folder, device=device, dtype=dtype, max_model_len=1024, max_num_seqs=8)
+    params = SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True)
+    engine.generate(prompt, params, use_tqdm=False)   # warm-up
+    best = min((engine.generate(prompt, params, use_tqdm=False)[0].metrics for _ in range(repeats)),
+               key=lambda m: m.last_token_time - m.first_token_time)
+    lepton_tps = (new_tokens - 1) / (best.last_token_time - best.first_token_time)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    ids = torch.tensor([prompt], device=device)
+    times = []
+    for _ in range(repeats + 1):
+        with torch.inference_mode():
+            start = time.perf_counter()
+            model.generate(ids, do_sample=False, max_new_tokens=1, min_new_tokens=1, pad_token_id=0)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(ids, do_sample=False, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                           pad_token_id=0)
+            times.append(time.perf_counter() - start - prefill)
+    hf_tps = (new_tokens - 1) / min(times[1:])
+    return [dict(engine="lepton", batch=1, prompt=prompt_len, new_tokens=new_tokens, decode_tok_s=round(lepton_tps, 1)),
+            dict(engine="transformers", batch=1, prompt=prompt_len, new_tokens=new_tokens,
+                 decode_tok_s=round(hf_tps, 1))]
+
+
 def host_overhead(num_seqs: int = 256, steps: int = 100, temperature: float = 0.0,
                   stream: bool = True, seeded: bool = False) -> dict:
     """ms per step() of the engine around a stub model with num_seqs decoding sequences:
@@ -206,11 +240,16 @@ def main(argv=None) -> int:
             folder = build_model(Path(tmp), CPU_MODEL if args.device == "cpu" else GPU_MODEL, dtype)
             rows = [run_lepton(folder, prompts, out_lens, args.device, dtype, 1024),
                     run_transformers(folder, prompts, out_lens, args.device, dtype, args.hf_batch)]
+            stream_rows = single_stream(folder, args.device, dtype)
         ratio = rows[0]["output_tok_s"] / rows[1]["output_tok_s"]
         print(f"\n## Offline throughput ({args.device}, {args.num_prompts} prompts)\n")
         print(markdown(rows))
         print(f"\nlepton / transformers output tokens/s: {ratio:.2f}x (goal >= 2.5x)")
-        results.update(throughput=rows, ratio=round(ratio, 2))
+        results.update(throughput=rows, ratio=round(ratio, 2), single_stream=stream_rows)
+        print(f"\n## Single-stream decode ({args.device}, batch 1, 32-token prompt, 128 new tokens)\n")
+        print(markdown(stream_rows))
+        print(f"\nlepton / transformers decode tok/s: "
+              f"{stream_rows[0]['decode_tok_s'] / stream_rows[1]['decode_tok_s']:.2f}x")
     overhead = [host_overhead(stream=False), host_overhead(), host_overhead(temperature=0.8, stream=False),
                 host_overhead(temperature=0.8, stream=False, seeded=True), host_overhead(temperature=0.8, seeded=True)]
     print("\n## Host overhead per step (stub model, 256 decoding sequences, p50 over 100 steps; "

@@ -30,7 +30,7 @@ from lepton.engine.metrics import EngineStats
 from lepton.engine.scheduler import Scheduler
 from lepton.engine.sequence import Request, Sequence, SequenceStatus
 from lepton.model_executor.executor import Executor
-from lepton.model_executor.step import PromptLogprobsRequest, SampleRequest, StepInput
+from lepton.model_executor.step import PromptLogprobsRequest, StepInput
 
 
 @dataclass(slots=True)
@@ -61,7 +61,7 @@ class PromptLogprobs:
 class CoreOutput:
     sampled: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
-    scheduled: list[Request] = field(default_factory=list)   # requests that ran (first-chunk metrics)
+    num_scheduled: int = 0   # sequences that ran: 0 when there was nothing to run
 
 
 class EngineCore:
@@ -171,49 +171,54 @@ class EngineCore:
                     seq.request.metrics.first_scheduled_time = now
             seqs, counts = sched.seqs, sched.num_new_tokens
             self._left += [seq.seq_id for seq in sched.preempted]
-            samples, prompt_rows = self._plan_samples(seqs, counts)
+            sample_rows, sample_seqs, prompt_rows = self._plan_samples(seqs, counts)
             left, self._left = self._left, []
-            result = self.executor.execute_model(StepInput(seqs, counts, sched.block_copies, samples,
-                                                           [row for row, _ in prompt_rows], left))
+            result = self.executor.execute_model(StepInput(seqs, counts, sched.block_copies, sample_rows,
+                                                           sample_seqs, [row for row, _ in prompt_rows], left))
             bs, bm = self.block_manager.block_size, self.block_manager
+            num_prompt = 0
             for seq, n in zip(seqs, counts):
                 start = seq.num_computed_tokens
                 end = seq.num_computed_tokens = start + n
                 if start < seq.num_prompt_tokens:
-                    self._counters["prompt"] += min(end, seq.num_prompt_tokens) - start
+                    num_prompt += min(end, seq.num_prompt_tokens) - start
                 if end // bs > start // bs:   # a block filled up: publish it for prefix reuse
                     bm.cache_blocks(seq.seq_id, seq.token_ids, end)
+            self._counters["prompt"] += num_prompt
             out.prompt_logprobs = [PromptLogprobs(request, row.first_position, row.token_ids, stats)
                                    for (row, request), stats in zip(prompt_rows, result.prompt_logprobs)]
-            for r, sample in enumerate(samples):
-                out.sampled.append(self._append_token(sample.seq, result, r))
-            out.scheduled = list({seq.request.request_id: seq.request for seq in seqs}.values())
+            out.sampled = self._append_tokens(sample_seqs, result)
+            out.num_scheduled = len(seqs)
             self._publish()
             return out
 
     def _plan_samples(self, seqs: list[Sequence], counts: list[int]
-                      ) -> tuple[list[SampleRequest], list[tuple[PromptLogprobsRequest, Request]]]:
-        """Which batch rows to sample (forking n > 1 requests whose prompt completes now), and
-        which rows need logits of every new token (prompt logprobs)."""
-        samples, prompt_rows = [], []
+                      ) -> tuple[list[int], list[Sequence], list[tuple[PromptLogprobsRequest, Request]]]:
+        """Which sequences to sample and from which batch row (forking n > 1 requests whose
+        prompt completes now: their samples share the row), and which rows need logits of
+        every new token (prompt logprobs)."""
+        rows, samples, prompt_rows = [], [], []
         for b, (seq, n) in enumerate(zip(seqs, counts)):
             request = seq.request
-            if request.needs_prompt_logprobs and seq.sample_index == 0:
+            params = request.params
+            if params.prompt_logprobs is not None and seq.sample_index == 0 and request.needs_prompt_logprobs:
                 row = self._prompt_logprobs_row(b, request, seq.num_computed_tokens, n)
                 if row is not None:
                     prompt_rows.append((row, request))
             if seq.num_computed_tokens + n != len(seq.token_ids):
                 continue
-            samples.append(SampleRequest(b, seq))
-            if not request.forked:   # the prompt is done: the other n - 1 samples share its blocks
-                for k in range(1, request.params.n):
+            rows.append(b)
+            samples.append(seq)
+            if params.n > 1 and not request.forked:   # the prompt is done: the others share its blocks
+                for k in range(1, params.n):
                     child = self._new_seq(request, k, list(seq.token_ids))
                     child.num_computed_tokens = seq.num_computed_tokens + n
                     self.block_manager.fork(seq.seq_id, child.seq_id)
                     child.block_table = self.block_manager.block_table_view(child.seq_id)
                     self.scheduler.add_running(child)
-                    samples.append(SampleRequest(b, child))
-        return samples, prompt_rows
+                    rows.append(b)
+                    samples.append(child)
+        return rows, samples, prompt_rows
 
     @staticmethod
     def _prompt_logprobs_row(b: int, request: Request, start: int, n: int) -> PromptLogprobsRequest | None:
@@ -227,31 +232,39 @@ class EngineCore:
         return PromptLogprobsRequest(b, first - 1 - start, first, request.prompt_token_ids[first:last + 1],
                                      request.params.prompt_logprobs)
 
-    def _append_token(self, seq: Sequence, result, r: int) -> SampledToken:
-        params = seq.request.params
-        if not result.finite[r]:
-            seq.finish_reason = "error"
-            self._retire(seq)
-            return SampledToken(seq, None)
-        token = result.token_ids[r]
-        seq.token_ids.append(token)
-        self._counters["generation"] += 1
-        sampled = SampledToken(seq, token)
-        if params.logprobs is not None:
-            sampled.logprob, sampled.rank = result.logprobs[r], result.ranks[r]
-            sampled.top_ids, sampled.top_logprobs = result.top_ids[r], result.top_logprobs[r]
-        if len(seq.token_ids) - seq.num_prompt_tokens >= params.min_tokens:   # no stop before min_tokens
-            if token in self.eos_token_ids and not params.ignore_eos:
-                seq.finish_reason = "stop"
-                sampled.stopped_by_token = True
-            elif token in params.stop_token_ids:
-                seq.finish_reason, seq.stop_reason = "stop", token
-                sampled.stopped_by_token = True
-        if seq.finish_reason is None and len(seq.token_ids) >= seq.request.max_total_tokens:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            self._retire(seq)
-        return sampled
+    def _append_tokens(self, seqs: list[Sequence], result) -> list[SampledToken]:
+        """Append each sampled token and check the stops that need no text (eos, stop token
+        ids, length); a sequence with unusable logits finishes with "error"."""
+        out = []
+        eos = self.eos_token_ids
+        for r, seq in enumerate(seqs):
+            if not result.finite[r]:
+                seq.finish_reason = "error"
+                self._retire(seq)
+                out.append(SampledToken(seq, None))
+                continue
+            params = seq.request.params
+            token = result.token_ids[r]
+            tokens = seq.token_ids
+            tokens.append(token)
+            sampled = SampledToken(seq, token)
+            out.append(sampled)
+            if params.logprobs is not None:
+                sampled.logprob, sampled.rank = result.logprobs[r], result.ranks[r]
+                sampled.top_ids, sampled.top_logprobs = result.top_ids[r], result.top_logprobs[r]
+            if len(tokens) - seq.num_prompt_tokens >= params.min_tokens:   # no stop before min_tokens
+                if token in eos and not params.ignore_eos:
+                    seq.finish_reason = "stop"
+                    sampled.stopped_by_token = True
+                elif params.stop_token_ids and token in params.stop_token_ids:
+                    seq.finish_reason, seq.stop_reason = "stop", token
+                    sampled.stopped_by_token = True
+            if seq.finish_reason is None and len(tokens) >= seq.request.max_total_tokens:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                self._retire(seq)
+        self._counters["generation"] += len(out) - sum(s.token_id is None for s in out)
+        return out
 
     def _retire(self, seq: Sequence) -> None:
         """Free a finished sequence; count its request once all its samples are done."""

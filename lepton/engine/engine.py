@@ -47,7 +47,7 @@ logger = logging.getLogger(__name__)
 
 
 class Engine:
-    """An inference engine for one Hugging Face checkpoint (see DESIGN.md for every argument).
+    """An inference engine for one Hugging Face checkpoint; the arguments are vLLM's (README).
 
     ``model``: a local folder or a hub id; None loads the default embedding model
     (all-MiniLM-L6-v2, from the ``lepton[demo]`` extra).
@@ -145,7 +145,7 @@ class Engine:
                     self._unclaimed.append(out)
                 else:
                     sink(out)
-            return bool(core_output.scheduled)
+            return core_output.num_scheduled > 0
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; RequestOutputs of the requests added with add_request that

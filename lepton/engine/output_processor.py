@@ -45,11 +45,12 @@ class SampleState:
 
 
 class RequestState:
-    __slots__ = ("request", "sink", "samples", "prompt_logprobs", "prompt_logprobs_sent", "done")
+    __slots__ = ("request", "sink", "final_only", "samples", "prompt_logprobs", "prompt_logprobs_sent", "done")
 
     def __init__(self, request: Request, sink):
         self.request = request
         self.sink = sink
+        self.final_only = request.params.output_kind is RequestOutputKind.FINAL_ONLY
         self.samples: dict[int, SampleState] = {}
         self.prompt_logprobs: list | None = None   # None for position 0, then {id: Logprob}
         self.prompt_logprobs_sent = False          # DELTA outputs carry them once
@@ -86,18 +87,27 @@ class OutputProcessor:
             state.prompt_logprobs += [self._logprob_entry(t, *stats) for t, *stats
                                       in zip(chunk.token_ids, *chunk.stats)]
             self._touched[chunk.request.request_id] = state
+        states, touched = self._states, self._touched
         for sampled in core_output.sampled:
             seq = sampled.seq
-            state = self._states.get(seq.request.request_id)
+            request = seq.request
+            state = states.get(request.request_id)
             if state is None:
                 continue
-            self._touched[seq.request.request_id] = state
+            # A final-only request is built once, when it finishes (the common offline case).
+            if not state.final_only or seq.finish_reason is not None:
+                touched[request.request_id] = state
             sample = state.samples.get(seq.sample_index)
             if sample is None:
-                sample = state.samples[seq.sample_index] = SampleState(seq, self._step_detokenizer(seq.request))
+                sample = state.samples[seq.sample_index] = SampleState(seq, self._step_detokenizer(request))
             if sampled.token_id is None:
                 continue
-            self._record_time(seq, now)
+            metrics = request.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+            elif seq.sample_index == 0:
+                metrics.inter_token_latencies.append(now - metrics.last_token_time)
+            metrics.last_token_time = now
             if sampled.logprob is not None:
                 sample.cumulative_logprob += sampled.logprob
                 sample.logprobs.append(self._logprob_entry(sampled.token_id, sampled.logprob, sampled.rank,
@@ -109,15 +119,8 @@ class OutputProcessor:
                 sample.stop_str = sample.detokenizer.update([sampled.token_id], check_stop=checking)
                 if sample.stop_str is not None:
                     stopped.append((seq, sample.stop_str))
+                    touched[request.request_id] = state
         return stopped
-
-    def _record_time(self, seq: Sequence, now: float) -> None:
-        metrics = seq.request.metrics
-        if metrics.first_token_time is None:
-            metrics.first_token_time = now
-        elif seq.sample_index == 0:
-            metrics.inter_token_latencies.append(now - metrics.last_token_time)
-        metrics.last_token_time = now
 
     def _step_detokenizer(self, request: Request) -> IncrementalDetokenizer | None:
         # Text is needed every step only when it is streamed or searched for stop strings;

@@ -104,20 +104,26 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
-        # Decodes first, then unfinished prefills; each group in priority/arrival order.
+        # Decodes first, then unfinished prefills; each group in priority/arrival order. This loop
+        # runs every step over every running sequence, so the properties are spelled out inline.
         decodes, prefills = [], []
         for s in self.running:
-            (prefills if s.in_prefill else decodes).append(s)
+            pending = len(s.token_ids) - s.num_computed_tokens
+            (prefills if pending > 1 or s.num_computed_tokens < s.num_prompt_tokens else decodes).append(s)
         order = decodes + prefills
+        seqs, counts, copies = out.seqs, out.num_new_tokens, out.block_copies
+        running = SequenceStatus.RUNNING
         for i, seq in enumerate(order):
             if budget == 0:
                 break
-            if seq.status is not SequenceStatus.RUNNING:   # preempted earlier in this loop
+            if seq.status is not running:   # preempted earlier in this loop
                 continue
-            n = min(seq.num_pending_tokens, budget)
+            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
             while True:
                 try:   # fails without changing anything when the cache is out of blocks
-                    out.block_copies += bm.append_slots(seq.seq_id, seq.num_computed_tokens, n)
+                    pairs = bm.append_slots(seq.seq_id, seq.num_computed_tokens, n)
+                    if pairs:
+                        copies += pairs
                     break
                 except NoFreeBlocksError:
                     # The lowest-priority, newest of those not yet scheduled, itself included.
@@ -127,12 +133,12 @@ class Scheduler:
                     out.preempted.append(victim)
                     if victim is seq:
                         break
-            if seq.status is not SequenceStatus.RUNNING:
+            if seq.status is not running:
                 continue
-            out.seqs.append(seq)
-            out.num_new_tokens.append(n)
+            seqs.append(seq)
+            counts.append(n)
             budget -= n
-        if not out.preempted:
+        if self.waiting and not out.preempted:
             budget = self._admit(out, budget)
         return out
 

@@ -22,9 +22,9 @@ from lepton.model_executor import setup
 from lepton.model_executor.layers.linear import prepack_model
 from lepton.model_executor.loader import load_model
 from lepton.model_executor.model_runner import ModelRunner
-from lepton.model_executor.step import PromptLogprobsRequest, SampleRequest, StepInput, StepResult
+from lepton.model_executor.step import PromptLogprobsRequest, StepInput, StepResult
 
-__all__ = ["Executor", "InProcessExecutor", "PromptLogprobsRequest", "SampleRequest", "StepInput", "StepResult"]
+__all__ = ["Executor", "InProcessExecutor", "PromptLogprobsRequest", "StepInput", "StepResult"]
 
 logger = logging.getLogger(__name__)
 

@@ -15,10 +15,13 @@ SamplingMetadata is a gather over the sampled rows: no Python loop over sequence
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
 from lepton.engine.sampling_metadata import SamplingMetadata, seed_key
+from lepton.model_executor.host_to_device import HostToDevice
 from lepton.sampling_params import SAMPLING_EPS
 
 
@@ -121,41 +124,61 @@ class InputBatch:
     # ---- the sampler's view ---------------------------------------------------------------------
     def sampling_metadata(self, rows: np.ndarray, device: torch.device) -> SamplingMetadata:
         """SamplingMetadata of ``rows`` (row b of it = rows[b]), gathered from the arrays."""
-        def put(array: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(array).to(device, non_blocking=True)
+        up = HostToDevice(device)
+        finish = self.plan_sampling_metadata(rows, up)
+        up.upload()
+        return finish()
 
+    def plan_sampling_metadata(self, rows: np.ndarray, up: HostToDevice) -> Callable[[], SamplingMetadata]:
+        """sampling_metadata in two halves, so the sampler's tensors travel in the step's one
+        host-to-device copy: gathers into ``up`` now, builds from the device views later."""
         temperature = self.temperature[rows]
         greedy = temperature < SAMPLING_EPS
-        md = SamplingMetadata(put(temperature), bool(greedy.all()), not bool(greedy.any()))
-        if md.all_greedy and not (self.num_logprobs[rows] >= 0).any() and not self._has_processors(rows):
+        flags = bool(greedy.all()), not bool(greedy.any())
+        fields: dict[str, int] = {"temperature": up.add(temperature)}
+        extra: dict = {}
+        if not flags[0] or (self.num_logprobs[rows] >= 0).any() or self._has_processors(rows):
+            self._gather_sampling(rows, up, fields, extra)
+
+        def finish() -> SamplingMetadata:
+            md = SamplingMetadata(up.get(fields.pop("temperature")), *flags)
+            for name, handle in fields.items():
+                setattr(md, name, up.get(handle))
+            if "logit_bias" in extra:
+                md.logit_bias = tuple(up.get(h) for h in extra["logit_bias"])
+            md.num_logprobs = extra.get("num_logprobs")
             return md
+
+        return finish
+
+    def _gather_sampling(self, rows: np.ndarray, up: HostToDevice, fields: dict, extra: dict) -> None:
         top_k, top_p, min_p = self.top_k[rows], self.top_p[rows], self.min_p[rows]
-        md.top_k = put(top_k) if (top_k > 0).any() else None
-        md.top_p = put(top_p) if (top_p < 1).any() else None
-        md.min_p = put(min_p) if (min_p > 0).any() else None
+        for name, values, on in (("top_k", top_k, top_k > 0), ("top_p", top_p, top_p < 1),
+                                 ("min_p", min_p, min_p > 0)):
+            if on.any():
+                fields[name] = up.add(values)
         steps = self.num_tokens[rows] - self.num_prompt_tokens[rows]
         seeded = self.seeded[rows]
         banning = steps < self.min_tokens[rows]
         if seeded.any():
-            md.seeds, md.seeded = put(self.seeds[rows]), put(seeded)
+            fields["seeds"], fields["seeded"] = up.add(self.seeds[rows]), up.add(seeded)
         if seeded.any() or banning.any():
-            md.steps = put(steps)
+            fields["steps"] = up.add(steps)
         if banning.any():
-            md.min_tokens, md.ignore_eos = put(self.min_tokens[rows]), put(self.ignore_eos[rows])
+            fields["min_tokens"], fields["ignore_eos"] = up.add(self.min_tokens[rows]), up.add(self.ignore_eos[rows])
             stops = [self.stop_token_ids.get(r, []) for r in rows.tolist()]
             width = max(1, max(map(len, stops)))
-            md.stop_token_ids = put(np.array([s + [-1] * (width - len(s)) for s in stops], dtype=np.int64))
+            fields["stop_token_ids"] = up.add(np.array([s + [-1] * (width - len(s)) for s in stops], dtype=np.int64))
         biased = [(b, r) for b, r in enumerate(rows.tolist()) if r in self.logit_bias]
         if biased:
             triples = [(b, t, v) for b, r in biased for t, v in self.logit_bias[r].items()]
             b_idx, t_idx, vals = zip(*triples)
-            md.logit_bias = (put(np.array(b_idx, dtype=np.int64)), put(np.array(t_idx, dtype=np.int64)),
-                             put(np.array(vals, dtype=np.float32)))
-        self._penalties(md, rows, put)
+            extra["logit_bias"] = (up.add(np.array(b_idx, dtype=np.int64)), up.add(np.array(t_idx, dtype=np.int64)),
+                                   up.add(np.array(vals, dtype=np.float32)))
+        self._penalties(rows, up, fields)
         num_logprobs = self.num_logprobs[rows]
         if (num_logprobs >= 0).any():
-            md.num_logprobs = num_logprobs.tolist()
-        return md
+            extra["num_logprobs"] = num_logprobs.tolist()
 
     def _has_processors(self, rows: np.ndarray) -> bool:
         return bool((self.min_tokens[rows] > self.num_tokens[rows] - self.num_prompt_tokens[rows]).any()
@@ -163,14 +186,14 @@ class InputBatch:
                     or (self.presence_penalty[rows] != 0).any()
                     or any(r in self.logit_bias for r in rows.tolist()))
 
-    def _penalties(self, md: SamplingMetadata, rows: np.ndarray, put) -> None:
-        fields = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
-        used = {name: getattr(self, name)[rows] for name in fields}
-        used = {name: v for name, v in used.items() if (v != fields[name]).any()}
+    def _penalties(self, rows: np.ndarray, up: HostToDevice, fields: dict) -> None:
+        defaults = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
+        used = {name: getattr(self, name)[rows] for name in defaults}
+        used = {name: v for name, v in used.items() if (v != defaults[name]).any()}
         if not used:
             return
         seq_lens = self.num_tokens[rows]
-        md.token_ids = put(np.ascontiguousarray(self.token_ids[rows, :int(seq_lens.max())]))
-        md.prompt_lens, md.seq_lens = put(self.num_prompt_tokens[rows]), put(seq_lens)
+        fields["token_ids"] = up.add(self.token_ids[rows, :int(seq_lens.max())])
+        fields["prompt_lens"], fields["seq_lens"] = up.add(self.num_prompt_tokens[rows]), up.add(seq_lens)
         for name, values in used.items():
-            setattr(md, name, put(values))
+            fields[name] = up.add(values)

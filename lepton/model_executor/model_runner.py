@@ -22,7 +22,9 @@ import lepton_kernels as lk
 from lepton.engine.sampler import compute_logprobs, sample_batch
 from lepton.model_executor.input_batch import InputBatch
 from lepton.model_executor.kv_cache import KVCache
-from lepton.model_executor.layers.attention import AttentionMetadata, build_attention_metadata
+from lepton.model_executor.host_to_device import HostToDevice
+from lepton.model_executor.layers.attention import AttentionMetadata
+from lepton.model_executor.layers.attention_metadata import plan_attention_metadata
 from lepton.model_executor.step import StepInput, StepResult
 
 
@@ -58,7 +60,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute_model(self, step: StepInput, eos_token_ids: torch.Tensor | None = None) -> StepResult:
         """One step of the engine core: the persistent batch follows the sequences that joined
-        and left, the forward runs over its rows, and the sampler draws from its parameters."""
+        and left, the forward runs over its rows, and the sampler draws from its parameters.
+        Every input of the step (tokens, positions, attention metadata, logits rows, sampling
+        parameters) reaches the device in one copy."""
         batch = self.input_batch
         for seq_id in step.finished_seq_ids:
             batch.remove(seq_id)
@@ -68,62 +72,67 @@ class ModelRunner:
         batch.sync_block_tables(seqs, rows, force=bool(step.block_copies))
         counts = np.array(step.num_new_tokens, dtype=np.int64)
         start = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
-        input_ids, positions, meta, first = self._prepare(
+        up = HostToDevice(self.device)
+        inputs = self._prepare(
             counts, start, lambda seq_of, pos: batch.token_ids[rows[seq_of], pos],
-            lambda order: batch.block_table[rows[order], :int(batch.num_blocks[rows].max())])
-        logits, full = self._run(input_ids, positions, meta, first, counts, [r.row for r in step.prompt_logprobs])
+            lambda order: batch.block_table[rows[order], :int(batch.num_blocks[rows].max())],
+            [r.row for r in step.prompt_logprobs], up)
+        sampling = None
+        if step.sample_seqs:
+            sample_rows = batch.rows(step.sample_seqs)   # forked samples join here
+            sampling = batch.plan_sampling_metadata(sample_rows, up)
+            index = step.sample_rows
+            # The logits of the sampled rows, in sampling order, when that is not simply all rows.
+            gather = None if index == list(range(len(seqs))) else up.add(np.array(index, dtype=np.int64))
+        up.upload()
+        logits, full = self._run(*inputs(), counts, [r.row for r in step.prompt_logprobs])
         prompt_stats = [compute_logprobs(full[r.row][r.offset:r.offset + len(r.token_ids)],
                                          torch.tensor(r.token_ids), r.num_top) for r in step.prompt_logprobs]
-        if not step.samples:
+        if sampling is None:
             return StepResult([], [], [], [], [], [], prompt_stats)
-        sample_rows = batch.rows([s.seq for s in step.samples])   # forked samples join here
-        index = [s.row for s in step.samples]
-        if index != list(range(logits.shape[0])):
-            logits = logits[torch.tensor(index, device=logits.device)]
-        out = sample_batch(logits, batch.sampling_metadata(sample_rows, self.device), self.generator,
-                           eos_token_ids)
+        if gather is not None:
+            logits = logits.index_select(0, up.get(gather))
+        out = sample_batch(logits, sampling(), self.generator, eos_token_ids)
         finite = np.array(out.finite, dtype=bool)
         batch.append_tokens(sample_rows[finite], np.array(out.token_ids, dtype=np.int64)[finite])
         return StepResult(out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs, out.finite,
                           prompt_stats)
 
-    def _prepare(self, counts: np.ndarray, start: np.ndarray, gather_tokens, gather_tables
-                 ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, np.ndarray]:
-        """input_ids[T], positions[T], the metadata of one step (tensors on the device) and
-        first[B], where each caller's sequence b starts in the flattened batch. Sequence b adds
-        counts[b] tokens after start[b] computed ones; gather_tokens(seq_of, positions) reads
-        tokens, gather_tables(order) the block tables of the sequences in that order.
-        Decodes (one new token after a cached context) run first, the other sequences keep
-        their order after them (a stable partition: build_attention_metadata sends the leading
-        decodes to the decode kernel and the rest to the prefill kernel). Built with numpy on
-        the host (each torch op costs microseconds of dispatch) and moved to the device once."""
+    def _prepare(self, counts: np.ndarray, start: np.ndarray, gather_tokens, gather_tables, full: list[int],
+                 up: HostToDevice):
+        """Plan the step's model inputs into ``up``; returns a function that, after the upload,
+        gives (input_ids[T], positions[T], metadata, logits rows). Sequence b adds counts[b]
+        tokens after start[b] computed ones; gather_tokens(seq_of, positions) reads tokens,
+        gather_tables(order) the block tables of the sequences in that order. The logits rows
+        are each sequence's last token, then every token of the sequences in ``full`` (prompt
+        logprobs), in the caller's order. Decodes (one new token after a cached context) run
+        first, the other sequences keep their order after them (a stable partition: the
+        attention metadata sends the leading decodes to the decode kernel and the rest to the
+        prefill kernel). Built with numpy on the host: each torch op costs microseconds."""
         bs, num_seqs = self.block_size, len(counts)
         order = np.argsort(~((counts == 1) & (start > 0)), kind="stable")
-        counts, start = counts[order], start[order]
-        seq_lens = start + counts
+        counts_o, start_o = counts[order], start[order]
         cu = np.zeros(num_seqs + 1, dtype=np.int64)
-        np.cumsum(counts, out=cu[1:])
+        np.cumsum(counts_o, out=cu[1:])
         # Token t belongs to sequence seq_of[t]; its position is its offset in the step + c_b.
-        seq_of = np.repeat(np.arange(num_seqs), counts)
-        positions = np.arange(int(cu[-1])) - cu[:-1][seq_of] + start[seq_of]
-        tokens = gather_tokens(order[seq_of], positions)
+        seq_of = np.repeat(np.arange(num_seqs), counts_o)
+        positions = np.arange(int(cu[-1])) - cu[:-1][seq_of] + start_o[seq_of]
         block_tables = gather_tables(order)
         slot_mapping = block_tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
-        meta = build_attention_metadata(counts, seq_lens, block_tables, slot_mapping, bs, self.device)
+        meta = plan_attention_metadata(counts_o, start_o + counts_o, block_tables, slot_mapping, bs, up)
         first = np.empty(num_seqs, dtype=np.int64)
         first[order] = cu[:-1]
-        return (torch.from_numpy(np.ascontiguousarray(tokens, dtype=np.int64)).to(self.device),
-                torch.from_numpy(positions).to(self.device), meta, first)
+        logit_rows = np.concatenate([first + counts - 1] + [np.arange(first[b], first[b] + counts[b]) for b in full])
+        handles = [up.add(np.asarray(gather_tokens(order[seq_of], positions), dtype=np.int64)),
+                   up.add(positions), up.add(logit_rows)]
+        return lambda: (up.get(handles[0]), up.get(handles[1]), meta(), up.get(handles[2]))
 
-    def _run(self, input_ids, positions, meta, first: np.ndarray, counts: np.ndarray, full: list[int]
+    def _run(self, input_ids, positions, meta, logit_rows, counts: np.ndarray, full: list[int]
              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """The forward, then one lm_head call over each sequence's last token plus every token of
-        the sequences in ``full`` (prompt logprobs), rows in the caller's order."""
-        rows = np.concatenate([first + counts - 1] + [np.arange(first[b], first[b] + counts[b]) for b in full])
-        rows = torch.from_numpy(rows).to(self.device)
+        """The forward, then one lm_head call over the logits rows (see _prepare)."""
         with lk.engine_kernels(self.kernels):
             hidden = self.model(input_ids, positions, meta)
-            logits = self.model.compute_logits(hidden[rows]).float()
+            logits = self.model.compute_logits(hidden[logit_rows]).float()
         extra, at = {}, len(counts)
         for b in full:
             extra[b] = logits[at:at + int(counts[b])]
@@ -142,11 +151,13 @@ class ModelRunner:
         start = np.array([s.num_computed_tokens for s in seqs], dtype=np.int64)
         width = max(len(s.block_table) for s in seqs)
         tables = np.array([s.block_table + [0] * (width - len(s.block_table)) for s in seqs], dtype=np.int32)
-        input_ids, positions, meta, first = self._prepare(
+        full = [b for b, flag in enumerate(all_logits or ()) if flag]
+        up = HostToDevice(self.device)
+        inputs = self._prepare(
             counts, start, lambda seq_of, pos: np.array([seqs[b].token_ids[p] for b, p in zip(seq_of, pos)]),
-            lambda order: tables[order])
-        return self._run(input_ids, positions, meta, first, counts,
-                         [b for b, flag in enumerate(all_logits or ()) if flag])
+            lambda order: tables[order], full, up)
+        up.upload()
+        return self._run(*inputs(), counts, full)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy whole cache blocks src -> dst in every layer (copy-on-write before a forward)."""

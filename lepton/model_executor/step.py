@@ -11,15 +11,6 @@ if TYPE_CHECKING:
 
 
 @dataclass(slots=True)
-class SampleRequest:
-    """Sample ``seq``'s next token from the logits of batch row ``row`` (forked samples of one
-    prompt share a row)."""
-
-    row: int
-    seq: Sequence
-
-
-@dataclass(slots=True)
 class PromptLogprobsRequest:
     """Score ``token_ids`` (prompt positions first_position ...) with the logits after batch row
     ``row``'s new tokens offset, offset + 1, ...; top ``num_top`` alternatives each."""
@@ -34,13 +25,16 @@ class PromptLogprobsRequest:
 @dataclass
 class StepInput:
     """One step as the scheduler decided it. Sequence b contributes token_ids[c_b : c_b + n_b]
-    (c_b = num_computed_tokens) at positions c_b ..; ``finished_seq_ids``: sequences that left
-    the batch (finished, aborted, preempted) since the previous step."""
+    (c_b = num_computed_tokens) at positions c_b ..; ``sample_seqs[i]`` draws its next token from
+    the logits of batch row ``sample_rows[i]`` (the forked samples of a prompt share its row);
+    ``finished_seq_ids``: sequences that left the batch (finished, aborted, preempted) since
+    the previous step."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
     block_copies: list[tuple[int, int]] = field(default_factory=list)   # copy-on-write (src, dst)
-    samples: list[SampleRequest] = field(default_factory=list)
+    sample_rows: list[int] = field(default_factory=list)
+    sample_seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobsRequest] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)
 

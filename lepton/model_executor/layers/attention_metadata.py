@@ -21,9 +21,12 @@ is simply run as a one-token prefill (correct, only slower), so the split never 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
+
+from lepton.model_executor.host_to_device import HostToDevice
 
 
 @dataclass
@@ -90,23 +93,23 @@ def _kv_slots(block_tables: np.ndarray, k_lens: np.ndarray, block_size: int) -> 
     return slots[keep]
 
 
-def _upload(arrays: list[np.ndarray], device) -> list[torch.Tensor]:
-    """Arrays of one dtype -> device tensors of their shapes, with a single host-to-device copy
-    (each copy has a fixed cost of several microseconds on a GPU): concatenate, copy, split
-    into views."""
-    flat = torch.from_numpy(np.concatenate([a.reshape(-1) for a in arrays])).to(device)
-    out, start = [], 0
-    for a in arrays:
-        out.append(flat[start:start + a.size].view(a.shape))
-        start += a.size
-    return out
-
-
 def build_attention_metadata(query_lens: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
                              slot_mapping: np.ndarray, block_size: int, device) -> AttentionMetadata:
     """The metadata of one step with the decode / prefill split (module doc), from host arrays:
     query_lens[B] and seq_lens[B] (int), block_tables[B, M] (int32), slot_mapping[T] (int64).
-    Vectorized numpy (no loop over sequences) and two host-to-device copies in all."""
+    Vectorized numpy (no loop over sequences) and one host-to-device copy."""
+    up = HostToDevice(device)
+    finish = plan_attention_metadata(query_lens, seq_lens, block_tables, slot_mapping, block_size, up)
+    up.upload()
+    return finish()
+
+
+def plan_attention_metadata(query_lens: np.ndarray, seq_lens: np.ndarray, block_tables: np.ndarray,
+                            slot_mapping: np.ndarray, block_size: int, up: HostToDevice
+                            ) -> Callable[[], AttentionMetadata]:
+    """build_attention_metadata in two halves, so a step's other inputs share its one copy:
+    the host arrays go into ``up`` now, and the returned function builds the metadata from
+    their device views once ``up.upload()`` ran."""
     query_lens = np.asarray(query_lens, dtype=np.int64)
     seq_lens = np.asarray(seq_lens, dtype=np.int64)
     block_tables = np.ascontiguousarray(block_tables, dtype=np.int32)
@@ -124,20 +127,24 @@ def build_attention_metadata(query_lens: np.ndarray, seq_lens: np.ndarray, block
     pre = slice(num_decodes, None)
     has_context = bool((context[pre] > 0).any())
 
-    int32 = [cu_q, seq_lens.astype(np.int32), block_tables]
-    int64 = [np.ascontiguousarray(slot_mapping, dtype=np.int64)]
+    handles = [up.add(a) for a in (cu_q, seq_lens.astype(np.int32), block_tables,
+                                   np.asarray(slot_mapping, dtype=np.int64))]
     if num_decodes < num_seqs:
-        pre_cu_q = cu_q[pre] - cu_q[num_decodes]
-        int32.append(pre_cu_q)
+        handles.append(up.add(cu_q[pre] - cu_q[num_decodes]))
         if has_context:
             k_lens = seq_lens[pre]
-            int32.append(_cumsum0(k_lens))
-            int64.append(_kv_slots(block_tables[pre], k_lens, block_size))
-    t32, t64 = _upload(int32, device), _upload(int64, device)
-    cu_q_t, seq_lens_t, tables_t = t32[:3]
+            handles.append(up.add(_cumsum0(k_lens)))
+            handles.append(up.add(_kv_slots(block_tables[pre], k_lens, block_size)))
+    return lambda: _finish(query_lens, seq_lens, context, num_decodes, has_context, [up.get(h) for h in handles])
+
+
+def _finish(query_lens, seq_lens, context, num_decodes: int, has_context: bool, t: list[torch.Tensor]
+            ) -> AttentionMetadata:
+    num_seqs, pre = len(query_lens), slice(num_decodes, None)
+    cu_q_t, seq_lens_t, tables_t, slots_t = t[:4]
     meta = AttentionMetadata(
         cu_seqlens_q=cu_q_t, max_seqlen_q=int(query_lens.max()), seq_lens=seq_lens_t,
-        max_seqlen_k=int(seq_lens.max()), block_tables=tables_t, slot_mapping=t64[0],
+        max_seqlen_k=int(seq_lens.max()), block_tables=tables_t, slot_mapping=slots_t,
         fresh_prefill=not context.any(), num_decodes=num_decodes, prefill_has_context=has_context)
     if num_decodes:
         meta.decode_seq_lens = seq_lens_t[:num_decodes]
@@ -146,10 +153,10 @@ def build_attention_metadata(query_lens: np.ndarray, seq_lens: np.ndarray, block
         meta.decode_cu_seqlens_q = cu_q_t[:num_decodes + 1]
         meta.decode_max_seqlen_k = int(seq_lens[:num_decodes].max())
     if num_decodes < num_seqs:
-        meta.prefill_cu_seqlens_q = t32[3]
-        meta.prefill_cu_seqlens_k = t32[4] if has_context else t32[3]
+        meta.prefill_cu_seqlens_q = t[4]
+        meta.prefill_cu_seqlens_k = t[5] if has_context else t[4]
         meta.prefill_max_seqlen_q = int(query_lens[pre].max())
         meta.prefill_max_seqlen_k = int(seq_lens[pre].max()) if has_context else meta.prefill_max_seqlen_q
         if has_context:
-            meta.prefill_kv_slots = t64[1]
+            meta.prefill_kv_slots = t[6]
     return meta
