@@ -24,18 +24,19 @@ _ALIGN = 8
 
 
 class _Staging:
-    """Two pinned byte buffers per CUDA device, grown on demand and used in turn."""
+    """Two byte buffers per device (pinned for CUDA), grown on demand and used in turn."""
 
-    def __init__(self):
+    def __init__(self, pin: bool):
         self.buffers: list[torch.Tensor | None] = [None, None]
         self.turn = 0
+        self.pin = pin
 
     def take(self, nbytes: int) -> torch.Tensor:
         self.turn ^= 1
         buf = self.buffers[self.turn]
         if buf is None or buf.numel() < nbytes:
             buf = torch.empty(max(nbytes, 2 * (0 if buf is None else buf.numel()), 1 << 16),
-                              dtype=torch.uint8, pin_memory=True)
+                              dtype=torch.uint8, pin_memory=self.pin)
             self.buffers[self.turn] = buf
         return buf
 
@@ -44,8 +45,12 @@ _STAGING: dict[torch.device, _Staging] = {}
 
 
 class HostToDevice:
-    def __init__(self, device: torch.device | str):
+    """``pack``: copy through the staging buffer (default: on any device but the CPU; tests
+    force it on the CPU to check the packing)."""
+
+    def __init__(self, device: torch.device | str, pack: bool | None = None):
         self.device = torch.device(device)
+        self.pack = self.device.type != "cpu" if pack is None else pack
         self._arrays: list[np.ndarray] = []
         self._tensors: list[torch.Tensor] | None = None
 
@@ -57,14 +62,16 @@ class HostToDevice:
         return len(self._arrays) - 1
 
     def upload(self) -> None:
-        if self.device.type == "cpu":
+        if not self.pack:
             self._tensors = [torch.from_numpy(a) for a in self._arrays]
             return
         offsets, total = [], 0
         for a in self._arrays:
             offsets.append(total)
             total += -(-a.nbytes // _ALIGN) * _ALIGN
-        staging = _STAGING.setdefault(self.device, _Staging()).take(total)
+        if self.device not in _STAGING:
+            _STAGING[self.device] = _Staging(pin=self.device.type == "cuda")
+        staging = _STAGING[self.device].take(total)
         host = staging.numpy()
         for a, start in zip(self._arrays, offsets):
             host[start:start + a.nbytes] = a.reshape(-1).view(np.uint8)
