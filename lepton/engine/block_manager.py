@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 ROOT_HASH = bytes(32)
+_NO_COPIES: list = []   # shared, never mutated: the decode fast path allocates nothing
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -227,14 +228,15 @@ class BlockManager:
         """Make positions num_computed_tokens .. +num_new_tokens-1 writable by this sequence
         alone: grow the table, and swap every shared block the write touches for a private
         copy. Returns the (src, dst) pairs copy_blocks must apply before the forward."""
-        seq = self._seq(seq_id)
+        seq = self._seqs.get(seq_id) or self._seq(seq_id)
         if num_new_tokens == 1 and num_computed_tokens >= 0:
             # Decode fast path: the slot is inside a block this sequence alone holds, unhashed.
             i = num_computed_tokens // self.block_size
-            if i < len(seq.block_table):
-                b = seq.block_table[i]
+            table = seq.block_table
+            if i < len(table):
+                b = table[i]
                 if self._refcount[b] == 1 and self._hash[b] is None:
-                    return []
+                    return _NO_COPIES
         grow, shared = self._append_plan(seq, num_computed_tokens, num_new_tokens)
         if grow + len(shared) > self.num_free_blocks:
             raise NoFreeBlocksError(f"KV cache out of blocks: {grow + len(shared)} needed, "

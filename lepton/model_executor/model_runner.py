@@ -79,11 +79,13 @@ class ModelRunner:
             [r.row for r in step.prompt_logprobs], up)
         sampling = None
         if step.sample_seqs:
-            sample_rows = batch.rows(step.sample_seqs)   # forked samples join here
-            sampling = batch.plan_sampling_metadata(sample_rows, up)
             index = step.sample_rows
+            every_row = index == list(range(len(seqs)))   # no fork and every sequence samples
+            # Forked samples join the batch here.
+            sample_rows = rows if every_row else batch.rows(step.sample_seqs)
+            sampling = batch.plan_sampling_metadata(sample_rows, up)
             # The logits of the sampled rows, in sampling order, when that is not simply all rows.
-            gather = None if index == list(range(len(seqs))) else up.add(np.array(index, dtype=np.int64))
+            gather = None if every_row else up.add(np.array(index, dtype=np.int64))
         up.upload()
         logits, full = self._run(*inputs(), counts, [r.row for r in step.prompt_logprobs])
         prompt_stats = [compute_logprobs(full[r.row][r.offset:r.offset + len(r.token_ids)],
