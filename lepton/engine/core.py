@@ -137,10 +137,6 @@ class EngineCore:
         with self._lock:
             return bool(self._requests)
 
-    def request_ids(self) -> list[str]:
-        with self._lock:
-            return list(self._requests)
-
     def stats(self) -> EngineStats:
         """The snapshot published after the last add, abort or step (no lock: never waits)."""
         return self._stats

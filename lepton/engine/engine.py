@@ -178,9 +178,6 @@ class Engine:
         """Requests in flight, or outputs that the next step() still has to hand out."""
         return self.core is not None and (self.core.has_unfinished_requests() or bool(self._unclaimed))
 
-    def get_num_unfinished_requests(self) -> int:
-        return 0 if self.core is None else len(self.core.request_ids())
-
     def stats(self) -> EngineStats:
         """A snapshot: queues, KV-cache use, prefix-cache queries and hits, counters (never waits
         for a step; what /metrics reads)."""

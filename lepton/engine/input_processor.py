@@ -64,13 +64,19 @@ class InputProcessor:
         self.limits = limits
 
     # ---- prompts ----------------------------------------------------------------------------
-    def prompts(self, prompts, *, what: str = "prompts") -> list[Prompt]:
-        """One prompt or a batch of them -> Prompts (tokenized, not yet checked)."""
+    @staticmethod
+    def split(prompts, *, what: str = "prompts") -> list:
+        """One prompt or a batch of them -> the list of single prompts, not tokenized yet (so a
+        server can count them before paying for tokenization)."""
         if isinstance(prompts, (str, Prompt)) or _is_token_ids(prompts):
-            prompts = [prompts]
+            return [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"{what} must be a non-empty string, token-id list, or list of those")
-        return [self.prompt(p, i) for i, p in enumerate(prompts)]
+        return list(prompts)
+
+    def prompts(self, prompts, *, what: str = "prompts") -> list[Prompt]:
+        """One prompt or a batch of them -> Prompts (tokenized, not yet checked)."""
+        return [self.prompt(p, i) for i, p in enumerate(self.split(prompts, what=what))]
 
     def prompt(self, prompt, index: int | None = None) -> Prompt:
         label = "prompt" if index is None else f"prompt {index}"

@@ -67,9 +67,6 @@ class OutputProcessor:
         """Follow ``request``; its outputs go to ``sink(output)`` (None: returned by outputs())."""
         self._states[request.request_id] = RequestState(request, sink)
 
-    def has_requests(self) -> bool:
-        return bool(self._states)
-
     def decode_token(self, token_id: int) -> str:
         return str(token_id) if self.tokenizer is None else self.tokenizer.decode([token_id])
 

@@ -60,18 +60,10 @@ class Sequence:
         return self.token_ids[self.num_prompt_tokens:]
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.num_prompt_tokens
-
-    @property
     def num_pending_tokens(self) -> int:
         """Tokens not yet in the cache: the rest of the prompt (or of everything, after a
         preemption), or the last sampled token."""
         return len(self.token_ids) - self.num_computed_tokens
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_pending_tokens > 1 or self.num_computed_tokens < self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:

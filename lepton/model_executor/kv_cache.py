@@ -76,9 +76,5 @@ def gpu_cache_bytes(device: torch.device, gpu_memory_utilization: float, peak_fo
     return int(total * gpu_memory_utilization - non_torch - peak_forward_bytes)
 
 
-def num_blocks_for(cache_bytes: int, bytes_per_block: int) -> int:
-    return max(0, cache_bytes // bytes_per_block)
-
-
 def blocks_needed(num_tokens: int, block_size: int) -> int:
     return math.ceil(num_tokens / block_size)

@@ -91,13 +91,7 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     @app.post("/v1/embeddings")
     async def embeddings(body: EmbeddingRequest):
         model = st.check_model(body.model)
-        inputs = body.input
-        if isinstance(inputs, str) or (inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not inputs:
-            raise APIError(400, "input must not be empty", param="input")
-        if len(inputs) > st.limits["max_prompts"]:
-            raise APIError(413, f"at most {st.limits['max_prompts']} inputs per request", param="input")
+        inputs = st.split(body.input, "input")
 
         def run():
             batch = engine.preprocess(list(inputs))

@@ -73,17 +73,22 @@ class ServerState:
     def prompts(self, prompt) -> list[Prompt]:
         """A completions prompt (string, strings, token ids, lists of token ids) -> Prompts; the
         count limit is checked before anything is tokenized."""
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            prompt = [prompt]
-        if not prompt:
-            raise APIError(400, "prompt must not be empty", param="prompt")
-        if len(prompt) > self.limits["max_prompts"]:
-            raise APIError(413, f"at most {self.limits['max_prompts']} prompts per request, got {len(prompt)}",
-                           param="prompt")
+        items = self.split(prompt, "prompt")
         try:
-            return self.engine.input_processor.prompts(list(prompt), what="prompt")
+            return [self.engine.input_processor.prompt(p, i) for i, p in enumerate(items)]
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from None
+
+    def split(self, prompts, param: str) -> list:
+        """The single prompts of a request, counted against max_prompts before any is tokenized."""
+        try:
+            items = self.engine.input_processor.split(prompts, what=param)
+        except ValueError as err:
+            raise APIError(400, str(err), param=param) from None
+        if len(items) > self.limits["max_prompts"]:
+            raise APIError(413, f"at most {self.limits['max_prompts']} prompts per request, got {len(items)}",
+                           param=param)
+        return items
 
     def chat_prompt(self, messages, add_generation_prompt: bool = True) -> Prompt:
         try:
