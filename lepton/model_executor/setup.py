@@ -13,7 +13,8 @@ from lepton.config import EngineConfig, model_max_len, resolve_dtype
 from lepton.model_executor.kv_cache import KVCache, blocks_needed, cpu_cache_bytes, gpu_cache_bytes
 from lepton.model_executor.layers.linear import Linear
 from lepton.model_executor.pooling import Pooler
-from lepton.engine.sampler import SamplingRow, sample
+from lepton.engine.sampler import sample_batch
+from lepton.engine.sampling_metadata import SamplingMetadata
 from lepton.sampling_params import SamplingParams
 from lepton.engine.tasks import decoder_pooler
 
@@ -57,15 +58,17 @@ def resolve_max_model_len(cfg: EngineConfig, hf_config: dict, model, path: Path)
     return min(candidates) if candidates else DEFAULT_MAX_MODEL_LEN
 
 
-def _worst_case_sampling(logits: torch.Tensor) -> None:
-    """The sampler's heaviest path (top-k + top-p sort, per-row generators, top logprobs) on every
-    row, so its [B, V] temporaries are part of the profiled peak."""
-    # top_k of most of the vocabulary forces the sampler's full-sort path on every row.
-    params = SamplingParams(temperature=1.0, top_k=max(1, logits.shape[-1] - 1), top_p=0.9, min_p=0.05,
+def worst_case_sampling(logits: torch.Tensor) -> None:
+    """The sampler's heaviest path (a full sort, seeded rows hashing every token, penalties, top
+    logprobs) on every row, so its [B, V] temporaries are part of the profiled peak."""
+    count, vocab = logits.shape
+    # top_k of most of the vocabulary settles only in the full sort (after the cut has run),
+    # where top_p then sums over every token.
+    params = SamplingParams(temperature=1.0, top_k=max(1, vocab - 1), top_p=0.9, min_p=0.05, seed=0,
                             logprobs=5, repetition_penalty=1.1, frequency_penalty=0.5)
-    rows = [SamplingRow(params, torch.Generator(device=logits.device).manual_seed(0), [0], [0])
-            for _ in range(logits.shape[0])]
-    sample(logits, rows)
+    metadata = SamplingMetadata.from_params([params] * count, device=logits.device,
+                                            prompt_token_ids=[[0]] * count, output_token_ids=[[0]] * count)
+    sample_batch(logits, metadata)
 
 
 def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_model_len: int
@@ -78,7 +81,7 @@ def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_mode
         budget, source = cfg.kv_cache_memory, f"kv_cache_memory={cfg.kv_cache_memory}"
     elif cfg.device.type == "cuda":
         peak = runner.profile_peak_memory(cfg.max_num_batched_tokens, max_model_len, cfg.max_num_seqs,
-                                          _worst_case_sampling)
+                                          worst_case_sampling)
         budget = gpu_cache_bytes(cfg.device, cfg.gpu_memory_utilization, peak)
         source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
     else:

@@ -255,5 +255,5 @@ def test_gpu_profiling_forward_feeds_the_sampler(engine_for, monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda *a, **k: 123)
     seen = []
     peak = engine.executor.runner.profile_peak_memory(
-        24, 16, 40, lambda logits: (seen.append(logits.shape), engine_setup._worst_case_sampling(logits)))
+        24, 16, 40, lambda logits: (seen.append(logits.shape), engine_setup.worst_case_sampling(logits)))
     assert peak == 123 and seen == [(40, engine.vocab_size)]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from dataclasses import fields
 
 import numpy as np
 import pytest
@@ -12,9 +11,10 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from lepton.engine.sampler import SamplingRow, _top_k_top_p, compute_logprobs, sample, sample_batch
-from lepton.engine.sampling_metadata import SamplingMetadata, seed_key
-from lepton.sampling_params import RequestOutputKind, SamplingParams
+from lepton.engine import candidates
+from lepton.engine.sampler import compute_logprobs, sample_batch
+from lepton.engine.sampling_metadata import SamplingMetadata
+from lepton.sampling_params import SamplingParams
 
 TINY = [1.2, 1.0, 0.7, 0.3, 0.0, -0.4, -0.9, -1.5]   # the fixed distribution, in logits
 
@@ -58,8 +58,8 @@ def splitmix64(x: int) -> int:
 def reference_noise(seed: int, step: int, vocab: int) -> np.ndarray:
     """The documented stream in Python integers: E_t = -log U_t for seed in [0, 2**64)."""
     golden, odd = 0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93
-    key = splitmix64((splitmix64((seed + golden) & MASK) + step * odd) & MASK)
-    return np.array([-math.log(((splitmix64((key + t * golden) & MASK) >> 12) + 0.5) / 2**52)
+    key = splitmix64((seed + golden) & MASK) ^ splitmix64((step + odd) & MASK)
+    return np.array([-math.log(((splitmix64((key + t * golden) & MASK) & (2**52 - 1)) + 0.5) / 2**52)
                      for t in range(vocab)])
 
 
@@ -104,34 +104,47 @@ def test_sampled_frequencies(mode, temperature, top_k, top_p, min_p):
     assert chisquare(counts[kept], count * expected[kept]).pvalue > 1e-3
 
 
+MIXED = [(-1, 1.0, 0.2), (-1, 0.9, 0.05), (40, 1.0, 0.0), (5, 0.5, 0.0), (-1, 0.3, 0.0), (900, 0.99, 0.0),
+         (2, 0.95, 0.0), (-1, 0.99, 0.0), (-1, 1.0, 0.2), (3, 1.0, 0.3), (-1, 0.9, 0.0), (40, 1.0, 0.0),
+         (-1, 0.5, 0.0), (1200, 0.8, 0.01)]   # row i has scale SCALES[i]: flat rows first
+
+
+@pytest.mark.parametrize("cut", [True, False], ids=["cut", "no-cut"])
 @pytest.mark.parametrize("rounded", [False, True], ids=["float", "bf16-ties"])
 @pytest.mark.parametrize("top_k,top_p", [(-1, 0.9), (50, 1.0), (300, 0.8), (-1, 0.5), (10, 0.3), (1500, 0.95),
                                          ("mixed", "mixed")])
-def test_top_k_top_p_threshold_matches_transformers(top_k, top_p, rounded):
-    """Every search stage (top 64, top 1024, full sort) keeps exactly what transformers keeps."""
+def test_kept_tokens_match_transformers(top_k, top_p, rounded, cut, monkeypatch):
+    """Every search stage (the cut; with it off, the top 64, top 1024, full sort; min_p alone
+    over the whole vocabulary) keeps exactly what transformers keeps."""
+    if not cut:
+        monkeypatch.setattr(candidates, "CUT_WIDTH", 0)
     vocab = 6000
     scales = torch.tensor([0.5, 1.0, 2.0, 3.0, 4.0, 6.0, 10.0]).repeat_interleave(2)
     s = torch.randn(len(scales), vocab, generator=seeded(len(str(top_k)))) * scales[:, None]
     s = s.bfloat16().float() if rounded else s   # bf16 logits tie a lot, also at the thresholds
-    if top_k == "mixed":
-        pairs = [(-1, 0.9), (40, 1.0), (5, 0.5), (-1, 0.3), (900, 0.99), (2, 0.95), (-1, 0.99)] * 2
-    else:
-        pairs = [(top_k, top_p)] * len(scales)
-    md = SamplingMetadata.from_params([SamplingParams(top_k=k, top_p=p) for k, p in pairs], device="cpu")
-    pools = _top_k_top_p(s, s.amax(dim=-1), None, md.top_k, md.top_p)
+    triples = MIXED if top_k == "mixed" else [(top_k, top_p, 0.0)] * len(scales)
+    md = SamplingMetadata.from_params([SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in triples],
+                                      device="cpu")
+    floor = None if md.min_p is None else s.amax(dim=-1) + md.min_p.log()
+    pools = candidates.candidate_pools(s, s.softmax(dim=-1), floor, md.top_k, md.top_p)
     rows = [list(range(len(s))) if pool.rows is None else pool.rows.tolist() for pool in pools]
     assert sorted(sum(rows, [])) == list(range(len(scales)))
     for pool, pool_rows in zip(pools, rows):
         for position, r in enumerate(pool_rows):
             kept = s[r] >= pool.threshold[position]
-            hf = hf_kept(s[r], 1.0, *pairs[r], 0.0)
+            hf = hf_kept(s[r], 1.0, *triples[r])
             # transformers' top_p may cut through a group of tied tokens; lepton keeps the whole group.
             assert torch.equal(kept, hf if not rounded else s[r] >= s[r][hf].min()), \
                 f"row {r} width {pool.values.shape[1]}"
-            # every kept token is among the row's candidates
-            assert set(kept.nonzero()[:, 0].tolist()) <= set(pool.ids[position].tolist())
-    if top_k == -1:
-        assert {pool.values.shape[1] for pool in pools} == {64, 1024, vocab}
+            if pool.ids is not None:   # every kept token is among the row's candidates
+                assert set(kept.nonzero()[:, 0].tolist()) <= set(pool.ids[position].tolist())
+    widths = [pool.values.shape[1] if pool.ids is not None else "all" for pool in pools]
+    if top_k == -1 and not cut:   # each stage settles some rows
+        assert widths == [64, 1024, vocab]
+    if top_k == -1 and cut:   # the cut settles the peaked rows (large scales), not the flat ones
+        assert widths[0] < 1024 and pools[0].rows.tolist() == list(range(14 - len(pools[0].rows), 14))
+    if top_k == "mixed" and cut:   # the flat row with min_p alone races over the whole vocabulary
+        assert "all" in widths
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -224,9 +237,9 @@ def reference_race(logits: torch.Tensor, seed: int, step: int, temperature: floa
 @pytest.mark.parametrize("params", [dict(temperature=0.9, top_p=0.95), dict(temperature=1.1, top_k=20),
                                     dict(temperature=1.0), dict(temperature=0.7, min_p=0.1, top_p=0.99),
                                     dict(temperature=2.0, top_k=400, top_p=0.9)])
-def test_seeded_row_depends_on_seed_step_and_logits_alone(params):
+def test_seeded_row_depends_on_seed_step_and_logits_alone(params, monkeypatch):
     """The documented hash stream's race in float64, whatever the batch, the row's place in it,
-    the candidate stage of its mates, or how often it is asked."""
+    the candidates it races over, or how often it is asked."""
     vocab, seed = 1000, 2**64 - 12345
     logits = torch.randn(vocab, generator=seeded(42)) * 2
     target = SamplingParams(seed=seed, **params)
@@ -248,6 +261,8 @@ def test_seeded_row_depends_on_seed_step_and_logits_alone(params):
                 out = draw(batch, rows, seeded(step), steps=steps, prompt_token_ids=[[0]] * size,
                            output_token_ids=outputs)
                 assert out.token_ids[where] == expected[step], (step, where, size)
+    monkeypatch.setattr(candidates, "CUT_WIDTH", 0)   # no cut: the top 64, 1024 or all tokens instead
+    assert [draw(logits[None], [target], steps=[step]).token_ids[0] for step in range(6)] == expected
 
 
 def test_unseeded_rows_follow_the_shared_generator():
@@ -273,7 +288,8 @@ def test_non_finite_rows_leave_the_others_alone(bad):
     else:
         poison[:] = float("-inf")
     mixed = torch.cat([poison[:1], logits[:2], poison[1:], logits[2:]])
-    bad_rows = [SamplingParams(temperature=0.9, logprobs=3), SamplingParams(seed=7, temperature=0, presence_penalty=1.0)]
+    bad_rows = [SamplingParams(temperature=0.9, logprobs=3),
+                SamplingParams(seed=7, temperature=0, presence_penalty=1.0)]
     rows = bad_rows[:1] + good[:2] + bad_rows[1:] + good[2:]
     before = mixed.clone()
     out = draw(mixed, rows, seeded(0), steps=[4] * 6, prompt_token_ids=[[]] * 6, output_token_ids=[[1]] * 6)
@@ -316,79 +332,3 @@ def test_compute_logprobs():
         assert values[t] == pytest.approx(value, abs=1e-5) and ranks[t] == rank
         assert top_ids[t] == ids and top_lps[t] == pytest.approx(lps, abs=1e-5)
     assert compute_logprobs(logits, tokens, 0)[2] == [[]] * 7
-
-
-def test_from_params_matches_hand_built_metadata():
-    params = [SamplingParams(temperature=0), SamplingParams(top_k=5, seed=2**64 - 1, logprobs=2),
-              SamplingParams(top_p=0.5, min_tokens=3, stop_token_ids=[7, 8], ignore_eos=True, logit_bias={4: 1.5}),
-              SamplingParams(min_p=0.2, frequency_penalty=0.5, seed=9)]
-    md = SamplingMetadata.from_params(params, device="cpu", prompt_token_ids=[[1], [2, 3], [], [4]],
-                                      output_token_ids=[[5], [], [6], [7, 7]])
-    t = torch.tensor
-    hand = SamplingMetadata(
-        temperature=t([0.0, 1, 1, 1]), all_greedy=False, all_random=False, top_k=t([0, 5, 0, 0]),
-        top_p=t([1.0, 1, 0.5, 1]), min_p=t([0.0, 0, 0, 0.2]), seeds=t([0, -1, 0, 9]), seeded=t([False, True, False, True]),
-        steps=t([1, 0, 1, 2]), min_tokens=t([0, 0, 3, 0]), stop_token_ids=t([[-1, -1], [-1, -1], [7, 8], [-1, -1]]),
-        ignore_eos=t([False, False, True, False]), logit_bias=(t([2]), t([4]), t([1.5])),
-        token_ids=t([[1, 5, 0], [2, 3, 0], [6, 0, 0], [4, 7, 7]]), prompt_lens=t([1, 2, 0, 1]),
-        seq_lens=t([2, 2, 1, 3]), frequency_penalty=t([0.0, 0, 0, 0.5]), num_logprobs=[-1, 2, -1, -1])
-    for f in fields(SamplingMetadata):
-        got, want = getattr(md, f.name), getattr(hand, f.name)
-        if isinstance(want, torch.Tensor):
-            assert got.dtype == want.dtype and torch.equal(got, want), f.name
-        elif isinstance(want, tuple):
-            assert all(g.dtype == w.dtype and torch.equal(g, w) for g, w in zip(got, want)), f.name
-        else:
-            assert got == want, f.name
-    logits = torch.randn(4, 30, generator=seeded(1))
-    assert sample_batch(logits, hand, seeded(3)).token_ids == sample_batch(logits, md, seeded(3)).token_ids
-    plain = SamplingMetadata.from_params([SamplingParams()] * 2, device="cpu")
-    assert all(getattr(plain, f.name) is None for f in fields(SamplingMetadata)[3:])
-
-
-def test_seed_key_and_the_row_adapter():
-    assert [seed_key(s) for s in (0, 2**63 - 1, 2**63, 2**64 - 1, -5)] == [0, 2**63 - 1, -2**63, -1, -5]
-    for bad in (2**64, -2**63 - 1, 1.0, True):
-        with pytest.raises(ValueError, match="seed"):
-            seed_key(bad)
-    logits = torch.randn(3, 100, generator=seeded(0))
-    params = [SamplingParams(temperature=0.9, seed=2**64 - 1), SamplingParams(top_k=9), SamplingParams(top_p=0.8)]
-    rows = [SamplingRow(params[0], seeded(2**64 - 1), [1], [2, 3]), SamplingRow(params[1], None, [], []),
-            SamplingRow(params[2], seeded(77), [], [4])]
-    got = sample(logits, rows, generator=seeded(5)).token_ids
-    assert got == draw(logits, params, seeded(5), seeds=[2**64 - 1, None, 77], steps=[2, 0, 1]).token_ids
-
-
-BAD_PARAMS = {
-    "min_p": [-0.1, 1.5, float("nan"), "0.1"], "presence_penalty": [2.5, -2.01, float("nan")],
-    "frequency_penalty": [3, True], "repetition_penalty": [0, -1.0, float("inf")],
-    "logit_bias": [{-1: 1.0}, {"x": 1.0}, {"-3": 1.0}, {1.5: 1.0}, {1: float("nan")}, {1: float("inf")},
-                   {1: "2"}, [1, 2]],
-    "min_tokens": [-1, 17, 1.0], "prompt_logprobs": [-1, 2.0], "include_stop_str_in_output": [1],
-    "output_kind": [1, "DELTA"],
-}
-
-
-@pytest.mark.parametrize("field,value", [(f, v) for f, values in BAD_PARAMS.items() for v in values])
-def test_bad_sampling_params(field, value):
-    with pytest.raises(ValueError, match=field):
-        SamplingParams(**{field: value})   # max_tokens is 16
-
-
-def test_sampling_params_defaults_and_conversions():
-    p = SamplingParams()
-    assert (p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.0, 0.0, 0.0, 1.0)
-    assert (p.logit_bias, p.min_tokens, p.prompt_logprobs, p.include_stop_str_in_output) == (None, 0, None, False)
-    assert p.output_kind is RequestOutputKind.CUMULATIVE and not p.needs_penalties
-    assert SamplingParams(logit_bias={"5": 200, 7: -150, 2: 0.5}).logit_bias == {5: 100.0, 7: -100.0, 2: 0.5}
-    assert SamplingParams(max_tokens=None, min_tokens=1000).min_tokens == 1000
-    assert SamplingParams(max_tokens=4, min_tokens=4).min_tokens == 4
-    assert SamplingParams(repetition_penalty=1.2).needs_penalties
-    assert SamplingParams(output_kind=RequestOutputKind.DELTA).output_kind.value == 1
-    assert [k.value for k in RequestOutputKind] == [0, 1, 2]
-
-
-def test_seed_must_fit_a_generator():
-    with pytest.raises(ValueError, match="seed"):
-        SamplingParams(seed=2**64)
-    SamplingParams(seed=2**64 - 1)
