@@ -169,7 +169,7 @@ class InputBatch:
             stops = [self.stop_token_ids.get(r, []) for r in rows.tolist()]
             width = max(1, max(map(len, stops)))
             fields["stop_token_ids"] = up.add(np.array([s + [-1] * (width - len(s)) for s in stops], dtype=np.int64))
-        biased = [(b, r) for b, r in enumerate(rows.tolist()) if r in self.logit_bias]
+        biased = [(b, r) for b, r in enumerate(rows.tolist()) if r in self.logit_bias] if self.logit_bias else []
         if biased:
             triples = [(b, t, v) for b, r in biased for t, v in self.logit_bias[r].items()]
             b_idx, t_idx, vals = zip(*triples)
@@ -184,7 +184,7 @@ class InputBatch:
         return bool((self.min_tokens[rows] > self.num_tokens[rows] - self.num_prompt_tokens[rows]).any()
                     or (self.repetition_penalty[rows] != 1).any() or (self.frequency_penalty[rows] != 0).any()
                     or (self.presence_penalty[rows] != 0).any()
-                    or any(r in self.logit_bias for r in rows.tolist()))
+                    or (bool(self.logit_bias) and any(r in self.logit_bias for r in rows.tolist())))
 
     def _penalties(self, rows: np.ndarray, up: HostToDevice, fields: dict) -> None:
         defaults = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}
