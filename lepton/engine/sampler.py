@@ -76,6 +76,9 @@ def sample_batch(logits: torch.Tensor, metadata: SamplingMetadata, generator: to
         z = z.clone() if z is logits else z
         apply_logits_processors(z, md, eos_token_ids)
         best = z.amax(dim=-1)
+        if not bool(best.isfinite().all()):
+            best = _repair(z, best, finite)
+            all_finite = bool(finite.all())
         token_ids = None if md.all_random else z.argmax(dim=-1)
     if md.all_random:
         token_ids = _draw(z, best, md, None, generator)
@@ -89,6 +92,25 @@ def sample_batch(logits: torch.Tensor, metadata: SamplingMetadata, generator: to
     if asked is not None:
         _fill_logprobs(out, raw, token_ids[asked], asked.tolist(), wanted[asked].tolist())
     return out
+
+
+def _repair(z: torch.Tensor, best: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+    """Rows the processors pushed out of range, in place: a repetition penalty near 0 divides by
+    ~0 (+inf), 0 * inf is NaN. The +inf tokens are the limit's whole mass, so they tie at 0 and
+    the rest drop to -inf; a row with a NaN, or with nothing finite left, is unusable like a NaN
+    row of the model (flagged in ``finite``, zeroed). Returns the new row maxima."""
+    bad = ~best.isfinite()
+    rows = bad.nonzero()[:, 0]
+    sub = z[rows]
+    top = sub == float("inf")
+    fixed = torch.where(top, 0.0, float("-inf"))
+    has_top = top.any(dim=-1)
+    unusable = sub.isnan().any(dim=-1) | ~has_top
+    sub = torch.where(has_top[:, None], fixed, sub)
+    sub[unusable] = 0
+    z[rows] = sub
+    finite[rows[unusable]] = False
+    return z.amax(dim=-1)
 
 
 def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, chosen: torch.Tensor, rows: list[int],

@@ -25,6 +25,15 @@ from lepton.model_executor.host_to_device import HostToDevice
 from lepton.sampling_params import SAMPLING_EPS
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
+def _f32(value: float) -> float:
+    """A float the float32 arrays hold without overflow: huge values saturate (a temperature or
+    penalty past 3.4e38 acts as its limit, infinity, either way)."""
+    return min(value, _FLOAT32_MAX)
+
+
 class InputBatch:
     def __init__(self, max_num_rows: int, max_model_len: int, block_size: int):
         self.max_model_len, self.block_size = max_model_len, block_size
@@ -77,11 +86,11 @@ class InputBatch:
         self.num_tokens[r], self.num_prompt_tokens[r] = n, seq.num_prompt_tokens
         self.sync_block_table(r, seq.block_table)
         p = seq.request.params
-        self.temperature[r], self.top_k[r], self.top_p[r], self.min_p[r] = p.temperature, max(p.top_k, 0), p.top_p, p.min_p
+        self.temperature[r], self.top_k[r], self.top_p[r], self.min_p[r] = _f32(p.temperature), max(p.top_k, 0), p.top_p, p.min_p
         self.seeded[r] = seq.seed is not None
         self.seeds[r] = seed_key(seq.seed) if seq.seed is not None else 0
         self.min_tokens[r], self.ignore_eos[r] = p.min_tokens, p.ignore_eos
-        self.repetition_penalty[r] = p.repetition_penalty
+        self.repetition_penalty[r] = _f32(p.repetition_penalty)
         self.frequency_penalty[r], self.presence_penalty[r] = p.frequency_penalty, p.presence_penalty
         self.num_logprobs[r] = -1 if p.logprobs is None else p.logprobs
         if p.min_tokens:

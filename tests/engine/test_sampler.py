@@ -332,3 +332,16 @@ def test_compute_logprobs():
         assert values[t] == pytest.approx(value, abs=1e-5) and ranks[t] == rank
         assert top_ids[t] == ids and top_lps[t] == pytest.approx(lps, abs=1e-5)
     assert compute_logprobs(logits, tokens, 0)[2] == [[]] * 7
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(temperature=0.8, top_p=0.9),
+                                    dict(temperature=1.0, top_p=5e-324, seed=4), dict(temperature=1.0, min_p=0.5)])
+def test_penalties_that_overflow_keep_the_row_usable(params):
+    """repetition_penalty near 0 divides the seen tokens' positive logits by ~0: +inf, the limit's
+    whole mass. The row still samples one of them (no NaN, no crash), and its batch mate is untouched."""
+    logits = torch.tensor([[2.0, 1.0, -1.0, 3.0, 0.5], [0.1, 0.2, 0.3, 0.4, 5.0]])
+    rows = [SamplingParams(repetition_penalty=5e-324, **params), SamplingParams(temperature=0)]
+    for _ in range(20):
+        out = draw(logits, rows, prompt_token_ids=[[0, 1, 2], []], output_token_ids=[[], []])
+        assert out.finite == [True, True]
+        assert out.token_ids[0] in (0, 1) and out.token_ids[1] == 4   # seen and positive: 2.0, 1.0
