@@ -24,7 +24,6 @@ import itertools
 import logging
 import os
 import threading
-import time
 from collections import deque
 
 import torch
@@ -34,6 +33,7 @@ from lepton.engine.core import EngineCore
 from lepton.engine.input_processor import InputProcessor, ModelLimits
 from lepton.engine.metrics import EngineStats
 from lepton.engine.output_processor import OutputProcessor
+from lepton.engine.progress import Progress
 from lepton.engine.sequence import Request
 from lepton.engine.tasks import Batch, TaskRunner
 from lepton.model_executor import setup
@@ -217,7 +217,7 @@ class Engine:
         """Final outputs of ``requests``, in order. On any exception (KeyboardInterrupt included)
         those still running are aborted, so no cache block outlives the call."""
         results: list[RequestOutput | None] = [None] * len(requests)
-        progress = _Progress(len(requests)) if use_tqdm else None
+        progress = Progress(len(requests)) if use_tqdm else None
 
         def collector(i: int):
             def sink(out: RequestOutput) -> None:
@@ -286,25 +286,3 @@ class Engine:
     def classify(self, texts, labels: list[str] | None = None) -> dict:
         """{"logits", "labels", "probabilities", "label_names"}; see tasks.py."""
         return self.tasks.classify(texts, labels)
-
-
-class _Progress:
-    """generate()'s progress bar: prompts done, input and output tokens/s."""
-
-    def __init__(self, total: int):
-        from tqdm.auto import tqdm
-
-        self.bar = tqdm(total=total, desc="Processed prompts", dynamic_ncols=True,
-                        postfix="est. speed input: 0.00 toks/s, output: 0.00 toks/s")
-        self.start, self.num_in, self.num_out = time.perf_counter(), 0, 0
-
-    def update(self, out: RequestOutput) -> None:
-        self.num_in += len(out.prompt_token_ids)
-        self.num_out += sum(len(c.token_ids) for c in out.outputs)
-        elapsed = time.perf_counter() - self.start
-        self.bar.postfix = (f"est. speed input: {self.num_in / elapsed:.2f} toks/s, "
-                            f"output: {self.num_out / elapsed:.2f} toks/s")
-        self.bar.update(1)
-
-    def close(self) -> None:
-        self.bar.close()
