@@ -232,15 +232,16 @@ class EngineCore:
         """Append each sampled token and check the stops that need no text (eos, stop token
         ids, length); a sequence with unusable logits finishes with "error"."""
         out = []
-        eos = self.eos_token_ids
+        eos, finite, token_ids = self.eos_token_ids, result.finite, result.token_ids
         for r, seq in enumerate(seqs):
-            if not result.finite[r]:
+            if not finite[r]:
                 seq.finish_reason = "error"
                 self._retire(seq)
                 out.append(SampledToken(seq, None))
                 continue
-            params = seq.request.params
-            token = result.token_ids[r]
+            request = seq.request
+            params = request.params
+            token = token_ids[r]
             tokens = seq.token_ids
             tokens.append(token)
             sampled = SampledToken(seq, token)
@@ -255,7 +256,7 @@ class EngineCore:
                 elif params.stop_token_ids and token in params.stop_token_ids:
                     seq.finish_reason, seq.stop_reason = "stop", token
                     sampled.stopped_by_token = True
-            if seq.finish_reason is None and len(tokens) >= seq.request.max_total_tokens:
+            if seq.finish_reason is None and len(tokens) >= request.max_total_tokens:
                 seq.finish_reason = "length"
             if seq.finish_reason is not None:
                 self._retire(seq)

@@ -108,16 +108,17 @@ class Scheduler:
             (prefills if pending > 1 or s.num_computed_tokens < s.num_prompt_tokens else decodes).append(s)
         order = decodes + prefills
         seqs, counts, copies = out.seqs, out.num_new_tokens, out.block_copies
-        running = SequenceStatus.RUNNING
+        running, append_slots = SequenceStatus.RUNNING, bm.append_slots
         for i, seq in enumerate(order):
             if budget == 0:
                 break
             if seq.status is not running:   # preempted earlier in this loop
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed_tokens, budget)
+            computed = seq.num_computed_tokens
+            n = min(len(seq.token_ids) - computed, budget)
             while True:
                 try:   # fails without changing anything when the cache is out of blocks
-                    pairs = bm.append_slots(seq.seq_id, seq.num_computed_tokens, n)
+                    pairs = append_slots(seq.seq_id, computed, n)
                     if pairs:
                         copies += pairs
                     break
