@@ -78,14 +78,14 @@ class InputProcessor:
         """One prompt or a batch of them -> Prompts (tokenized, not yet checked)."""
         return [self.prompt(p, i) for i, p in enumerate(self.split(prompts, what=what))]
 
-    def prompt(self, prompt, index: int | None = None) -> Prompt:
+    def prompt(self, prompt, index: int | None = None, *, add_special_tokens: bool = True) -> Prompt:
         label = "prompt" if index is None else f"prompt {index}"
         if isinstance(prompt, Prompt):
             return prompt
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass prompts as token ids")
-            ids, types = encode(self.tokenizer, prompt)
+            ids, types = encode(self.tokenizer, prompt, add_special_tokens)
             return Prompt(prompt, ids, types)
         if isinstance(prompt, (list, tuple)):
             return Prompt(None, list(prompt))

@@ -19,7 +19,6 @@ import uuid
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from lepton.tokenizer import encode
 from lepton.entrypoints.server.errors import APIError, install_handlers
 from lepton.entrypoints.server.middleware import GuardMiddleware
 from lepton.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
@@ -116,8 +115,9 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
             raise APIError(400, "this model has no tokenizer")
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "send exactly one of prompt and messages", param="prompt")
-        ids = (encode(engine.tokenizer, body.prompt, body.add_special_tokens)[0] if body.prompt is not None
-               else st.chat_prompt(body.messages, body.add_generation_prompt).token_ids)
+        prompt = (engine.input_processor.prompt(body.prompt, add_special_tokens=body.add_special_tokens)
+                  if body.prompt is not None else st.chat_prompt(body.messages, body.add_generation_prompt))
+        ids = prompt.token_ids
         return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
 
     @app.post("/detokenize")
