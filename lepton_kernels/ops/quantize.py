@@ -31,7 +31,7 @@ int4 values inside the chosen range; clipped int4 extremes err by at most (1 - r
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -52,6 +52,10 @@ class QuantizedWeight:
     group_size: int | None         # None (int8, per output channel) or 32 / 64 / 128
     shape: tuple[int, int]         # (N, K) of the original weight
     dtype: torch.dtype             # the original weight's dtype; dequantize returns it
+    # Layouts an implementation derives from the canonical tensors above, built once (at load or
+    # on first use) and keyed by implementation name, e.g. {"cpu": ..., "triton": ...}: each
+    # kernel reads the layout it was built for without repacking on every call.
+    prepared: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def device(self) -> torch.device:
