@@ -15,6 +15,10 @@
 #include "cache_ops.h"
 #include "dlpack_arg.h"
 
+namespace lepton {
+void register_sampling(py::module_& m);  // sampling_bindings.cpp
+}  // namespace lepton
+
 // Set by setup.py; the defaults describe a build without CUDA.
 #ifndef LEPTON_CUDA_ARCHS
 #define LEPTON_CUDA_ARCHS ""
@@ -214,7 +218,7 @@ void copy_blocks(py::sequence k_caches_obj, py::sequence v_caches_obj, py::handl
 
 PYBIND11_MODULE(_C, m) {
   using namespace lepton;
-  m.doc() = "lepton_kernels native KV-cache ops (pybind11 + DLPack, no torch headers)";
+  m.doc() = "lepton_kernels native ops: KV-cache copies, the cpu sampler (pybind11 + DLPack, no torch headers)";
   m.def("reshape_and_cache", &reshape_and_cache, py::arg("k"), py::arg("v"), py::arg("k_cache"),
         py::arg("v_cache"), py::arg("slot_mapping"), py::arg("stream") = 0, py::arg("num_threads") = 1,
         "k_cache.view(-1, Hk, D)[slot_mapping[t]] = k[t] (same for v) for every t with slot >= 0. "
@@ -222,6 +226,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("copy_blocks", &copy_blocks, py::arg("k_caches"), py::arg("v_caches"), py::arg("block_mapping"),
         py::arg("stream") = 0, py::arg("num_threads") = 1,
         "caches[l][dst] = caches[l][src] for every layer l and (src, dst) row of block_mapping.");
+  register_sampling(m);
   m.def("has_cuda", [] { return kHasCuda; }, "True when the CUDA kernels were compiled in.");
   m.def("cuda_problem", &cuda_problem, "Empty when cuda tensors can be handled here, else why not.");
   m.def("build_info", [] {

@@ -1,7 +1,8 @@
-"""The native extension ``lepton_kernels._C`` as the ``ext`` implementation of the KV-cache copies.
+"""The native extension ``lepton_kernels._C``: the ``ext`` implementation of the KV-cache copies.
 
 ``_C`` (csrc/: pybind11, no torch headers) moves the bytes of ``reshape_and_cache`` and
-``copy_blocks``: a C++ path for cpu tensors, and CUDA kernels when it was built with nvcc.
+``copy_blocks``: a C++ path for cpu tensors, and CUDA kernels when it was built with nvcc. It also
+holds the cpu sampler that lepton_kernels/ops/sample_from_probs.py registers (via native_module()).
 Tensors cross the boundary as DLPack capsules, so one build serves every torch version.
 This module loads it (optional: ``LEPTON_NO_EXT=1`` skips it at build time and at run time),
 reports what was built (:func:`ext_info`), validates arguments before handing them over (``_C``
@@ -36,6 +37,12 @@ def _load():
 
 
 _C, _WHY_NOT = _load()
+
+
+def native_module():
+    """The loaded ``lepton_kernels._C`` module, for the ops whose ``ext`` implementation calls it
+    (check :func:`ext_info` first: None when it is not built)."""
+    return _C
 
 
 def ext_info() -> dict:

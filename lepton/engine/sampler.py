@@ -7,21 +7,13 @@ For each row of logits z[V] (float32) and its row of the step's SamplingMetadata
               the top-N, for the rows that ask
     z <- min_tokens bans, logit_bias, repetition / frequency / presence penalties (penalties.py)
     greedy    (temperature < SAMPLING_EPS): argmax z
-    otherwise s = z / temperature, p = softmax(s), keep {i : s_i >= t} where t is the largest of
-                  top_k    the top_k-th largest s
-                  top_p    s of the last token of the smallest prefix of the sorted tokens (after
-                           top_k) whose mass reaches top_p, at least one token
-                  min_p    max s + log(min_p), that is p_i >= min_p * max p
-              (tokens tied with t stay, as in HF transformers), and draw
-                  token = argmax_{kept i} p_i / E_i,    E_i ~ Exp(1)
-              the exponential race, an exact draw from p restricted to the kept tokens.
-A seeded row's E_i is a hash of (seed, step, i) (sampling_metadata.py), so its token depends on
-its seed, its step and its logits alone, never on its batch mates or its place in the batch; the
-other rows share one batched draw from the shared generator.
-
-Cost: a row races over a few candidates, not the vocabulary, where its filters allow: the
-candidate search (candidates.py) looks for its kept tokens among a cut by value, then the top 64
-and the top 1024 tokens, and sorts the vocabulary only last.
+    otherwise p = softmax(z / temperature), and lepton_kernels.sample_from_probs keeps the tokens
+              top_k / top_p / min_p allow (ties with a threshold stay, as in HF transformers) and
+              draws token = argmax_{kept i} p_i / E_i with E_i ~ Exp(1): the exponential race, an
+              exact draw from p restricted to the kept tokens. E_i is a hash of (key, i):
+                  seeded rows    key = stream_keys(seed, step): the token depends on the seed, the
+                                 step and the logits alone, never on batch mates or the row's place
+                  other rows     key drawn from the shared generator, one per row and step
 """
 
 from __future__ import annotations
@@ -30,11 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from lepton.engine.candidates import at, candidate_pools
-from lepton.engine.penalties import apply_logits_processors
-from lepton.engine.sampling_metadata import SamplingMetadata, race_noise, stream_keys
-from lepton.sampling_params import SAMPLING_EPS
+import lepton_kernels as lk
+from lepton_kernels.sampling.candidates import at
 
+from lepton.engine.penalties import apply_logits_processors
+from lepton.engine.sampling_metadata import SamplingMetadata
+from lepton.sampling_params import SAMPLING_EPS
 
 
 @dataclass
@@ -66,7 +59,6 @@ def sample_batch(logits: torch.Tensor, metadata: SamplingMetadata, generator: to
     if not all_finite:
         z = z.clone() if z is logits else z
         z.masked_fill_(~finite[:, None], 0)
-        best = best.masked_fill(~finite, 0)
     asked = raw = None
     if md.num_logprobs is not None:
         wanted = torch.tensor(md.num_logprobs, device=z.device)
@@ -77,14 +69,14 @@ def sample_batch(logits: torch.Tensor, metadata: SamplingMetadata, generator: to
         apply_logits_processors(z, md, eos_token_ids)
         best = z.amax(dim=-1)
         if not bool(best.isfinite().all()):
-            best = _repair(z, best, finite)
+            _repair(z, best, finite)
             all_finite = bool(finite.all())
         token_ids = None if md.all_random else z.argmax(dim=-1)
     if md.all_random:
-        token_ids = _draw(z, best, md, None, generator)
+        token_ids = _draw(z, md, None, generator)
     elif not md.all_greedy:
         rows = (md.temperature >= SAMPLING_EPS).nonzero()[:, 0]
-        token_ids[rows] = _draw(z[rows], best[rows], md, rows, generator)
+        token_ids[rows] = _draw(z[rows], md, rows, generator)
     if not all_finite:
         token_ids.masked_fill_(~finite, 0)
     out = SamplerOutput(token_ids.tolist(), [None] * count, [None] * count, [None] * count, [None] * count,
@@ -94,11 +86,11 @@ def sample_batch(logits: torch.Tensor, metadata: SamplingMetadata, generator: to
     return out
 
 
-def _repair(z: torch.Tensor, best: torch.Tensor, finite: torch.Tensor) -> torch.Tensor:
+def _repair(z: torch.Tensor, best: torch.Tensor, finite: torch.Tensor) -> None:
     """Rows the processors pushed out of range, in place: a repetition penalty near 0 divides by
     ~0 (+inf), 0 * inf is NaN. The +inf tokens are the limit's whole mass, so they tie at 0 and
     the rest drop to -inf; a row with a NaN, or with nothing finite left, is unusable like a NaN
-    row of the model (flagged in ``finite``, zeroed). Returns the new row maxima."""
+    row of the model (flagged in ``finite``, zeroed)."""
     bad = ~best.isfinite()
     rows = bad.nonzero()[:, 0]
     sub = z[rows]
@@ -110,7 +102,6 @@ def _repair(z: torch.Tensor, best: torch.Tensor, finite: torch.Tensor) -> torch.
     sub[unusable] = 0
     z[rows] = sub
     finite[rows[unusable]] = False
-    return z.amax(dim=-1)
 
 
 def _fill_logprobs(out: SamplerOutput, raw: torch.Tensor, chosen: torch.Tensor, rows: list[int],
@@ -141,28 +132,24 @@ def _logprob_stats(logprobs: torch.Tensor, token_ids: torch.Tensor, num_top: int
     return chosen[:, 0].tolist(), ranks.tolist(), top_ids, top_lps
 
 
-def _draw(z: torch.Tensor, best: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor | None,
+def _draw(z: torch.Tensor, md: SamplingMetadata, rows: torch.Tensor | None,
           generator: torch.Generator | None) -> torch.Tensor:
-    """Temperature, top_k, top_p and min_p, then the exponential race, for z[R,V], the logits of
-    metadata rows `rows` (None: all); best[R] = max z."""
-    temperature = at(md.temperature, rows)
-    s = z / temperature[:, None]
-    # best / T = max s, as dividing by T > 0 keeps the order; log 0 = -inf: min_p off
-    floor = None if md.min_p is None else best / temperature + at(md.min_p, rows).log()
-    keys = seeded = None
-    if md.seeds is not None:
-        keys, seeded = stream_keys(at(md.seeds, rows), at(md.steps, rows)), at(md.seeded, rows)
-    token_ids = None
-    for pool in candidate_pools(s, torch.softmax(s, dim=-1), floor, at(md.top_k, rows), at(md.top_p, rows)):
-        ids = pool.ids if pool.ids is not None else torch.arange(s.shape[1], device=s.device)[None]
-        noise = race_noise(pool.weights.shape, ids, at(keys, pool.rows), at(seeded, pool.rows), generator)
-        weights = pool.weights / noise
-        if pool.threshold is not None:   # after the division: a dropped 0 / 0 would be a NaN, argmax's pick
-            weights.masked_fill_(pool.values < pool.threshold[:, None], 0)
-        picks = weights.argmax(dim=-1)
-        picks = picks if pool.ids is None else pool.ids.gather(1, picks[:, None])[:, 0]
-        if pool.rows is None:
-            return picks
-        token_ids = token_ids if token_ids is not None else torch.empty(len(s), dtype=torch.long, device=s.device)
-        token_ids[pool.rows] = picks
-    return token_ids
+    """Temperature, then top_k / top_p / min_p and the race (lepton_kernels.sample_from_probs)
+    for z[R,V], the logits of metadata rows `rows` (None: all)."""
+    probs = torch.softmax(z / at(md.temperature, rows)[:, None], dim=-1)
+    return lk.sample_from_probs(probs, at(md.top_k, rows), at(md.top_p, rows), at(md.min_p, rows),
+                                race_keys(md, rows, len(z), generator))
+
+
+def race_keys(md: SamplingMetadata, rows: torch.Tensor | None, count: int,
+              generator: torch.Generator | None) -> torch.Tensor:
+    """The race's noise key of each drawn row: a seeded row's (seed, step) stream, for the others
+    one draw from the shared generator (all 64 bits)."""
+    seeded = at(md.seeded, rows)
+    if seeded is not None:
+        keys = at(md.keys, rows)
+        if bool(seeded.all()):
+            return keys
+    device = md.temperature.device
+    drawn = torch.randint(-2**63, 2**63 - 1, (count,), dtype=torch.int64, device=device, generator=generator)
+    return drawn if seeded is None else torch.where(seeded, keys, drawn)

@@ -5,14 +5,9 @@ the step needs is None, so the common batch (temperature and top_p, no penalties
 else. ``from_params`` builds one from SamplingParams from scratch (tests, the reference); the
 persistent batch (model_executor/input_batch.py) fills the same fields from its arrays.
 
-Seeded rows draw their exponential noise from a counter-based hash instead of a stateful
-generator, so a row's draw needs no per-row generator call and depends on nothing but
-(seed, step, token id):
-    key(seed, step)  = mix(seed + G) xor mix(step + H)
-    bits(key, t)     = mix(key + t * G)                   (splitmix64; G, H odd constants)
-    U                = (low 52 bits of bits + 1/2) / 2**52 in (0, 1), exact in float64
-    E                = -log U  ~ Exp(1), rounded to float32
-where mix is splitmix64's finalizer (Steele, Lea, Flood 2014), all in wrapping 64-bit arithmetic.
+Seeded rows race with noise from a counter-based hash of (seed, step, token id) instead of a
+stateful generator (lepton_kernels/sampling/noise.py): a row's draw needs no per-row generator call
+and depends on nothing but its seed, its step and its logits.
 """
 
 from __future__ import annotations
@@ -20,19 +15,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
+from lepton_kernels.sampling.noise import as_int64, stream_keys
 
 from lepton.sampling_params import SamplingParams
-
-
-def _int64(value: int) -> int:
-    """The int64 with the same 64 bits as value in [0, 2**64)."""
-    return value - 2**64 if value >= 2**63 else value
-
-
-_G = _int64(0x9E3779B97F4A7C15)   # 2**64 / golden ratio: splitmix64's increment
-_H = _int64(0xD6E8FEB86659FD93)   # another odd constant, so steps and token ids never line up
-_M1, _M2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
 
 
 @dataclass
@@ -44,9 +31,9 @@ class SamplingMetadata:
     top_k [B] i64           0 = off                      None: no row uses it
     top_p [B] f32           1.0 = off                    None: no row uses it
     min_p [B] f32           0.0 = off                    None: no row uses it
-    seeds [B] i64           the row's stream key (any int64; see seed_key)
+    keys [B] i64            a seeded row's race key at this step, stream_keys(seed, step); 0 in others
     seeded [B] bool         rows drawing from their own (seed, step) stream, the others from
-                            the shared generator; seeds and seeded are None when no row is seeded
+                            the shared generator; keys and seeded are None when no row is seeded
     steps [B] i64           output tokens generated so far: the seeded rows' counter and
                             min_tokens' clock; None when no row is seeded or banning
     min_tokens [B] i64      with stop_token_ids [B, S] (padded with -1) and ignore_eos [B] bool:
@@ -65,7 +52,7 @@ class SamplingMetadata:
     top_k: torch.Tensor | None = None
     top_p: torch.Tensor | None = None
     min_p: torch.Tensor | None = None
-    seeds: torch.Tensor | None = None
+    keys: torch.Tensor | None = None
     seeded: torch.Tensor | None = None
     steps: torch.Tensor | None = None
     min_tokens: torch.Tensor | None = None
@@ -117,7 +104,9 @@ class SamplingMetadata:
                 setattr(md, name, tensor([getattr(p, name) for p in params], torch.float32))
         seeded = [s is not None for s in seeds]
         if any(seeded):
-            md.seeds = tensor([seed_key(s) if s is not None else 0 for s in seeds], torch.int64)
+            keys = stream_keys(np.array([seed_key(s) if s is not None else 0 for s in seeds], dtype=np.int64),
+                               np.array(list(steps), dtype=np.int64))
+            md.keys = torch.from_numpy(np.where(seeded, keys, 0)).to(device)
             md.seeded = tensor(seeded, torch.bool)
         banning = [n < p.min_tokens for n, p in zip(steps, params)]
         if any(seeded) or any(banning):
@@ -163,48 +152,4 @@ def seed_key(seed: int) -> int:
     bits, one-to-one; int64 values pass unchanged."""
     if not isinstance(seed, int) or isinstance(seed, bool) or not -2**63 <= seed < 2**64:
         raise ValueError(f"seed must be an integer in [-2**63, 2**64), got {seed!r}")
-    return _int64(seed)
-
-
-def _mix_(x: torch.Tensor) -> torch.Tensor:
-    """splitmix64's finalizer, in place on int64: torch's multiply wraps, and >> is arithmetic,
-    so a mask keeps only the bits a logical shift would. One scratch tensor serves the three
-    shifts (fresh [B, V] temporaries cost more than the arithmetic)."""
-    scratch = torch.empty_like(x)
-    for shift, multiplier in ((30, _M1), (27, _M2), (31, None)):
-        torch.bitwise_right_shift(x, shift, out=scratch).bitwise_and_(2**(64 - shift) - 1)
-        x.bitwise_xor_(scratch)
-        if multiplier is not None:
-            x.mul_(multiplier)
-    return x
-
-
-def stream_keys(seeds: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """key(seed, step) [R] i64: the start of the row's stream at this step."""
-    halves = _mix_(torch.stack([seeds + _G, steps + _H]))   # one batched mix for both
-    return halves[0] ^ halves[1]
-
-
-def seeded_exponentials(keys: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-    """E [R, K] f32 ~ Exp(1), a function of (keys[r], token_ids[r, k]) alone; token_ids [R, K]
-    or [1, K] (the same ids for every row)."""
-    bits = _mix_(torch.add(keys[:, None], token_ids, alpha=_G)).bitwise_and_(2**52 - 1)
-    # float64 holds (j + 1/2) / 2**52 exactly: U is never 0 or 1, E never inf or 0.
-    u = bits.view(torch.float64).copy_(bits)   # converted in place of the bits
-    return u.mul_(2.0**-52).add_(2.0**-53).log_().neg_().float()
-
-
-def race_noise(shape: torch.Size, token_ids: torch.Tensor, keys: torch.Tensor | None, seeded: torch.Tensor | None,
-               generator: torch.Generator | None) -> torch.Tensor:
-    """E [n, K] ~ Exp(1) for the candidates token_ids [n, K] (or [1, K], shared) of n rows: the
-    seeded rows' from their streams (keys), the others' from the shared generator, as -log U,
-    U ~ Uniform[0, 1) (on CPU about 4x faster than Tensor.exponential_; U = 0 gives E = inf, a
-    weight of 0: that token simply loses the race)."""
-    num_seeded = 0 if seeded is None else int(seeded.sum())
-    if num_seeded == shape[0]:
-        return seeded_exponentials(keys, token_ids)
-    noise = torch.empty(shape, dtype=torch.float32, device=token_ids.device)
-    noise.uniform_(generator=generator).log_().neg_()
-    if num_seeded:
-        noise[seeded] = seeded_exponentials(keys[seeded], token_ids if len(token_ids) == 1 else token_ids[seeded])
-    return noise
+    return as_int64(seed)

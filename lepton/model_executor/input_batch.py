@@ -20,6 +20,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from lepton_kernels.sampling.noise import stream_keys
+
 from lepton.engine.sampling_metadata import SamplingMetadata, seed_key
 from lepton.model_executor.host_to_device import HostToDevice
 from lepton.sampling_params import SAMPLING_EPS
@@ -170,7 +172,7 @@ class InputBatch:
         seeded = self.seeded[rows]
         banning = steps < self.min_tokens[rows]
         if seeded.any():
-            fields["seeds"], fields["seeded"] = up.add(self.seeds[rows]), up.add(seeded)
+            fields["keys"], fields["seeded"] = up.add(np.where(seeded, stream_keys(self.seeds[rows], steps), 0)), up.add(seeded)
         if seeded.any() or banning.any():
             fields["steps"] = up.add(steps)
         if banning.any():

@@ -63,7 +63,7 @@ def check_batch(engine: Engine) -> None:
         prompt_token_ids=[s.token_ids[:s.num_prompt_tokens] for s in live],
         output_token_ids=[s.token_ids[s.num_prompt_tokens:] for s in live])
     # An all-greedy batch needs no filters and no noise: the batch may leave them out.
-    filters = () if want.all_greedy else ("top_k", "top_p", "min_p", "seeds", "seeded")
+    filters = () if want.all_greedy else ("top_k", "top_p", "min_p", "keys", "seeded")
     for name in ("temperature", *filters, "repetition_penalty", "frequency_penalty", "presence_penalty",
                  "min_tokens", "ignore_eos", "prompt_lens", "seq_lens"):
         a, b = getattr(got, name), getattr(want, name)

@@ -11,7 +11,9 @@ from scipy.stats import chisquare
 from transformers.generation.logits_process import (MinPLogitsWarper, RepetitionPenaltyLogitsProcessor,
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 
-from lepton.engine import candidates
+import lepton_kernels as lk
+from lepton_kernels.sampling import candidates
+
 from lepton.engine.sampler import compute_logprobs, sample_batch
 from lepton.engine.sampling_metadata import SamplingMetadata
 from lepton.sampling_params import SamplingParams
@@ -21,6 +23,16 @@ TINY = [1.2, 1.0, 0.7, 0.3, 0.0, -0.4, -0.9, -1.5]   # the fixed distribution, i
 
 def seeded(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+@pytest.fixture(params=["eager", "ext"])
+def race_impl(request):
+    """Runs a test with each implementation of lepton_kernels.sample_from_probs, the race."""
+    why_not = lk.get_op("sample_from_probs").get_impl(request.param)
+    if why_not is not None and (reason := why_not.why_not("cpu", torch.float32, explicit=True)):
+        pytest.skip(f"{request.param}: {reason}")
+    with lk.use(sample_from_probs=request.param):
+        yield request.param
 
 
 def draw(logits: torch.Tensor, params: list[SamplingParams], generator=None, eos=None, **kw):
@@ -55,10 +67,14 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+def reference_key(seed: int, step: int) -> int:
+    """The documented stream key in Python integers, for seed in [0, 2**64): an unsigned value."""
+    return splitmix64((seed + 0x9E3779B97F4A7C15) & MASK) ^ splitmix64((step + 0xD6E8FEB86659FD93) & MASK)
+
+
 def reference_noise(seed: int, step: int, vocab: int) -> np.ndarray:
     """The documented stream in Python integers: E_t = -log U_t for seed in [0, 2**64)."""
-    golden, odd = 0x9E3779B97F4A7C15, 0xD6E8FEB86659FD93
-    key = splitmix64((seed + golden) & MASK) ^ splitmix64((step + odd) & MASK)
+    golden, key = 0x9E3779B97F4A7C15, reference_key(seed, step)
     return np.array([-math.log(((splitmix64((key + t * golden) & MASK) & (2**52 - 1)) + 0.5) / 2**52)
                      for t in range(vocab)])
 
@@ -81,7 +97,7 @@ FILTERS = [(1.0, -1, 1.0, 0.0), (0.7, -1, 1.0, 0.0), (1.3, 3, 1.0, 0.0), (1.0, -
 
 @pytest.mark.parametrize("mode", ["sorted", "candidates", "seeds", "steps"])
 @pytest.mark.parametrize("temperature,top_k,top_p,min_p", FILTERS)
-def test_sampled_frequencies(mode, temperature, top_k, top_p, min_p):
+def test_sampled_frequencies(mode, temperature, top_k, top_p, min_p, race_impl):
     """Sorted: V = 8, so a full sort; candidates: the 8 tokens at scattered ids among 3000, the
     rest -inf (top-64 candidates); seeds: the same with -1e4, every row seeded with its own seed
     (near 2**64 too); steps: one seed, every row at its own step."""
@@ -125,13 +141,14 @@ def test_kept_tokens_match_transformers(top_k, top_p, rounded, cut, monkeypatch)
     triples = MIXED if top_k == "mixed" else [(top_k, top_p, 0.0)] * len(scales)
     md = SamplingMetadata.from_params([SamplingParams(top_k=k, top_p=p, min_p=m) for k, p, m in triples],
                                       device="cpu")
-    floor = None if md.min_p is None else s.amax(dim=-1) + md.min_p.log()
-    pools = candidates.candidate_pools(s, s.softmax(dim=-1), floor, md.top_k, md.top_p)
+    p = s.softmax(dim=-1)
+    floor = None if md.min_p is None else p.amax(dim=-1) * md.min_p
+    pools = candidates.candidate_pools(p, floor, md.top_k, md.top_p)
     rows = [list(range(len(s))) if pool.rows is None else pool.rows.tolist() for pool in pools]
     assert sorted(sum(rows, [])) == list(range(len(scales)))
     for pool, pool_rows in zip(pools, rows):
         for position, r in enumerate(pool_rows):
-            kept = s[r] >= pool.threshold[position]
+            kept = p[r] >= pool.threshold[position]
             hf = hf_kept(s[r], 1.0, *triples[r])
             # transformers' top_p may cut through a group of tied tokens; lepton keeps the whole group.
             assert torch.equal(kept, hf if not rounded else s[r] >= s[r][hf].min()), \
@@ -237,7 +254,7 @@ def reference_race(logits: torch.Tensor, seed: int, step: int, temperature: floa
 @pytest.mark.parametrize("params", [dict(temperature=0.9, top_p=0.95), dict(temperature=1.1, top_k=20),
                                     dict(temperature=1.0), dict(temperature=0.7, min_p=0.1, top_p=0.99),
                                     dict(temperature=2.0, top_k=400, top_p=0.9)])
-def test_seeded_row_depends_on_seed_step_and_logits_alone(params, monkeypatch):
+def test_seeded_row_depends_on_seed_step_and_logits_alone(params, monkeypatch, race_impl):
     """The documented hash stream's race in float64, whatever the batch, the row's place in it,
     the candidates it races over, or how often it is asked."""
     vocab, seed = 1000, 2**64 - 12345
@@ -265,7 +282,7 @@ def test_seeded_row_depends_on_seed_step_and_logits_alone(params, monkeypatch):
     assert [draw(logits[None], [target], steps=[step]).token_ids[0] for step in range(6)] == expected
 
 
-def test_unseeded_rows_follow_the_shared_generator():
+def test_unseeded_rows_follow_the_shared_generator(race_impl):
     logits = torch.randn(16, 500, generator=seeded(2))
     params = [SamplingParams(temperature=1.0, top_p=0.9)] * 16
     first = draw(logits, params, seeded(1)).token_ids
@@ -274,7 +291,7 @@ def test_unseeded_rows_follow_the_shared_generator():
 
 
 @pytest.mark.parametrize("bad", ["nan", "+inf", "-inf"])
-def test_non_finite_rows_leave_the_others_alone(bad):
+def test_non_finite_rows_leave_the_others_alone(bad, race_impl):
     vocab = 300
     logits = torch.randn(4, vocab, generator=seeded(8))
     good = [SamplingParams(seed=1, temperature=0.8, top_p=0.9, logprobs=2), SamplingParams(temperature=0, logprobs=0),

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 import torch
 
+from lepton_kernels.sampling.noise import exponential_noise, stream_keys
+
 from lepton.engine.sampler import sample_batch
-from lepton.engine.sampling_metadata import SamplingMetadata, seed_key, seeded_exponentials, stream_keys
+from lepton.engine.sampling_metadata import SamplingMetadata, seed_key
 from lepton.sampling_params import RequestOutputKind, SamplingParams
-from tests.engine.test_sampler import reference_noise, seeded
+from tests.engine.test_sampler import reference_key, reference_noise, seeded
 
 
 def test_from_params_matches_hand_built_metadata():
@@ -24,7 +26,7 @@ def test_from_params_matches_hand_built_metadata():
     t = torch.tensor
     hand = SamplingMetadata(
         temperature=t([0.0, 1, 1, 1]), all_greedy=False, all_random=False, top_k=t([0, 5, 0, 0]),
-        top_p=t([1.0, 1, 0.5, 1]), min_p=t([0.0, 0, 0, 0.2]), seeds=t([0, -1, 0, 9]),
+        top_p=t([1.0, 1, 0.5, 1]), min_p=t([0.0, 0, 0, 0.2]), keys=t([0, seed_key(reference_key(2**64 - 1, 0)), 0, seed_key(reference_key(9, 2))]),
         seeded=t([False, True, False, True]),
         steps=t([1, 0, 1, 2]), min_tokens=t([0, 0, 3, 0]), stop_token_ids=t([[-1, -1], [-1, -1], [7, 8], [-1, -1]]),
         ignore_eos=t([False, False, True, False]), logit_bias=(t([2]), t([4]), t([1.5])),
@@ -49,8 +51,9 @@ def test_seed_key_and_the_documented_stream():
     for bad in (2**64, -2**63 - 1, 1.0, True):
         with pytest.raises(ValueError, match="seed"):
             seed_key(bad)
-    keys = stream_keys(torch.tensor([seed_key(2**64 - 3), 11]), torch.tensor([5, 0]))
-    noise = seeded_exponentials(keys, torch.arange(300)[None]).double().numpy()
+    keys = stream_keys(np.array([seed_key(2**64 - 3), 11]), np.array([5, 0]))
+    assert keys.tolist() == [seed_key(reference_key(2**64 - 3, 5)), seed_key(reference_key(11, 0))]
+    noise = exponential_noise(torch.from_numpy(keys), torch.arange(300)[None]).double().numpy()
     assert np.allclose(noise, [reference_noise(2**64 - 3, 5, 300), reference_noise(11, 0, 300)], rtol=1e-6, atol=0)
 
 

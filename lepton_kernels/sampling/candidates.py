@@ -1,13 +1,13 @@
-"""The candidate search of the sampler: which tokens each filtered row races over.
+"""The candidate search of sample_from_probs: which tokens each filtered row races over.
 
 A row with top_k or top_p races over the first candidate set found to hold all its kept tokens:
-    its cut      the tokens with p_i >= CUT_SHARE (1 - top_p) / V and s_i >= the min_p floor
-                 (one comparison and a nonzero over the vocabulary, no sort; for top_p a guess,
-                 kept only where the candidates do hold top_p's mass)
+    its cut      with top_p, the tokens with p_i >= CUT_SHARE (1 - top_p) / V; without, those
+                 at or above the min_p floor (one comparison and a nonzero over the vocabulary,
+                 no sort; a guess, kept only where the candidates do decide the thresholds)
     top 64, top 1024 (torch.topk), then every token sorted
 a row with min_p alone races over its cut, or else the whole vocabulary; an unfiltered row over
-the whole vocabulary. Which stage a row settles in depends on its own logits and parameters only.
-Thresholds keep tokens tied with them, as HF transformers does.
+the whole vocabulary. Which stage a row settles in depends on its own probabilities and
+parameters only. Thresholds are on p and keep tokens tied with them, as HF transformers does.
 """
 
 from __future__ import annotations
@@ -54,19 +54,19 @@ class Pool:
     """Rows racing over the same candidates."""
 
     rows: torch.Tensor | None         # [n] positions among the drawn rows; None: all of them, in order
-    values: torch.Tensor              # [n, K] the candidates' s, sorted descending unless ids is None
-    weights: torch.Tensor             # [n, K] their p
+    values: torch.Tensor              # [n, K] the candidates' p, sorted descending unless ids is None,
+                                      # padding -inf
+    weights: torch.Tensor             # [n, K] their p, padding 0
     ids: torch.Tensor | None          # [n, K] their token ids; None: the whole vocabulary, in order
     threshold: torch.Tensor | None    # [n] the kept candidates are those >= threshold; None: all
 
 
 @dataclass
 class _Rows:
-    """Filtered rows still looking for their candidates: s, p and the parameters; origin: their
+    """Filtered rows still looking for their candidates: p and the parameters; origin: their
     positions among the drawn rows (None: all, in order)."""
 
     origin: torch.Tensor | None
-    s: torch.Tensor
     p: torch.Tensor
     floor: torch.Tensor | None
     top_k: torch.Tensor | None
@@ -74,24 +74,24 @@ class _Rows:
 
     def take(self, index: torch.Tensor | None) -> _Rows:
         return _Rows(_rows(self.origin, index), *(at(getattr(self, name), index) for name in
-                                                  ("s", "p", "floor", "top_k", "top_p")))
+                                                  ("p", "floor", "top_k", "top_p")))
 
 
-def candidate_pools(s: torch.Tensor, p: torch.Tensor, floor: torch.Tensor | None, top_k: torch.Tensor | None,
-           top_p: torch.Tensor | None) -> list[Pool]:
-    """The rows of s[R,V] (p = softmax(s)) grouped by candidates: a row with top_k or top_p
+def candidate_pools(p: torch.Tensor, floor: torch.Tensor | None, top_k: torch.Tensor | None,
+                    top_p: torch.Tensor | None) -> list[Pool]:
+    """The rows of p[R,V] grouped by candidates: a row with top_k or top_p
     races over the first candidate set found to hold all its kept tokens (its cut, the top 64,
     the top 1024, all tokens sorted); a row with min_p alone over its cut, or else the whole
     vocabulary; an unfiltered row over the whole vocabulary."""
     if top_k is not None:
-        top_k = top_k.masked_fill(top_k >= s.shape[1], 0)   # keeping every token is no filter
+        top_k = top_k.masked_fill(top_k >= p.shape[1], 0)   # keeping every token is no filter
 
     def sorting(rows: _Rows) -> torch.Tensor | None:
         return _any(None if rows.top_k is None else rows.top_k > 0, None if rows.top_p is None else rows.top_p < 1)
 
-    rows = _Rows(None, s, p, floor, top_k, top_p)
+    rows = _Rows(None, p, floor, top_k, top_p)
     filtered, plain = _split(_any(sorting(rows), None if floor is None else floor > NEG_INF))
-    pools = [] if _empty(plain) else [Pool(plain, at(s, plain), at(p, plain), None, None)]
+    pools = [] if _empty(plain) else [Pool(plain, at(p, plain), at(p, plain), None, None)]
     if _empty(filtered):
         return pools
     settled, rest = _cut_stage(rows.take(filtered))
@@ -102,22 +102,23 @@ def candidate_pools(s: torch.Tensor, p: torch.Tensor, floor: torch.Tensor | None
             pools += _sorted_stages(rest.take(by_sort))
         if not _empty(floor_only):
             wide = rest.take(floor_only)
-            pools.append(Pool(wide.origin, wide.s, wide.p, None, wide.floor))
+            pools.append(Pool(wide.origin, wide.p, wide.p, None, wide.floor))
     return pools
 
 
 def _cut_stage(rows: _Rows) -> tuple[list[Pool], _Rows | None]:
-    """Candidates by value: the tokens with p_i >= CUT_SHARE * (1 - top_p) / V (a guess that the
-    tokens below hold less than 1 - top_p together; at most 1 / V, so the top token is one) and
-    s_i >= the min_p floor. Rows with at most CUT_WIDTH candidates whose kept tokens all lie
-    among them race over them, sorted; returns their pool and the rows still open."""
-    vocab, candidates = rows.s.shape[1], None
+    """Candidates by value: with top_p, the tokens with p_i >= CUT_SHARE * (1 - top_p) / V (a
+    guess that the tokens below hold less than 1 - top_p together; at most 1 / V, so the top
+    token is one); without, those at or above the min_p floor. (Not both: top_p's mass counts
+    every token top_k keeps, including those under the floor.) Rows with at most CUT_WIDTH
+    candidates whose kept tokens all lie among them race over them, sorted; returns their pool
+    and the rows still open."""
+    vocab, candidates = rows.p.shape[1], None
     if rows.top_p is not None:   # top_p = 1: a share of 0, every token
         share = (1 - rows.top_p).mul_(CUT_SHARE / vocab).clamp_(max=1 / vocab)
         candidates = rows.p >= share[:, None]
-    if rows.floor is not None:
-        above = rows.s >= rows.floor[:, None]
-        candidates = above if candidates is None else candidates.logical_and_(above)
+    elif rows.floor is not None:
+        candidates = rows.p >= rows.floor[:, None]
     if candidates is None:
         return [], rows
     row, token = candidates.nonzero().unbind(dim=1)   # each row's candidates, in vocabulary order
@@ -133,9 +134,9 @@ def _cut_stage(rows: _Rows) -> tuple[list[Pool], _Rows | None]:
     column = torch.arange(len(row), device=row.device).sub_((kept.cumsum(dim=0) - kept)[row])
     ids = torch.zeros(len(counts), width, dtype=torch.long, device=row.device).index_put_((row, column), token)
     padding = torch.arange(width, device=row.device) >= counts[:, None]
-    values, order = rows.s.gather(1, ids).masked_fill_(padding, NEG_INF).sort(dim=-1, descending=True)
+    values, order = rows.p.gather(1, ids).masked_fill_(padding, NEG_INF).sort(dim=-1, descending=True)
     ids = ids.gather(1, order)
-    weights = rows.p.gather(1, ids).masked_fill_(padding, 0)   # padding sorts last
+    weights = values.clamp(min=0)   # padding (-inf) sorts last and weighs 0
     threshold, done = _threshold(values, weights, rows, counts=counts)
     return _settle(rows, values, weights, ids, threshold, done if most <= CUT_WIDTH else done & (kept > 0))
 
@@ -143,14 +144,14 @@ def _cut_stage(rows: _Rows) -> tuple[list[Pool], _Rows | None]:
 def _sorted_stages(rows: _Rows) -> list[Pool]:
     """Rows with top_k or top_p: thresholds among the top 64, then the top 1024 tokens, then all
     of them sorted; each row lands in the pool of the first set that holds all its kept tokens."""
-    vocab, pools = rows.s.shape[1], []
+    vocab, pools = rows.p.shape[1], []
     for size in CANDIDATES + (vocab,):
         width = vocab if 4 * size >= vocab else size   # topk of a large share is slower than sort
         if width == vocab:
-            values, ids = rows.s.sort(dim=-1, descending=True)
+            values, ids = rows.p.sort(dim=-1, descending=True)
         else:
-            values, ids = rows.s.topk(width, dim=-1)
-        weights = rows.p.gather(1, ids)
+            values, ids = rows.p.topk(width, dim=-1)
+        weights = values
         threshold, done = _threshold(values, weights, rows, last=None if width == vocab else values[:, -1])
         settled, rows = _settle(rows, values, weights, ids, threshold, done)
         pools += settled
