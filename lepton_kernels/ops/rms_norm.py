@@ -15,9 +15,6 @@ from ..registry import SampleInput, register_op
 from ._backends import register_triton
 from ._checks import check_same, check_same_device, check_tensor, randn
 
-# The Triton kernel keeps a whole row in registers; LLM hidden sizes are at most 16384 so far.
-TRITON_MAX_HIDDEN = 65536
-
 
 def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
     check_tensor("x", x, 2, floating=True)
@@ -57,12 +54,6 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-def triton_supports(x, *args, **kwargs):
-    """The Triton row kernels' limit, shared with layer_norm."""
-    if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] > TRITON_MAX_HIDDEN:
-        return f"hidden size {x.shape[1]} > {TRITON_MAX_HIDDEN} does not fit one block"
-    return True
-
-
 register_op("rms_norm", rms_norm, sample_inputs=sample_inputs)
-register_triton("rms_norm", "rms_norm:rms_norm", supports=triton_supports)
+# Any hidden size: rows wider than one register block are walked in chunks.
+register_triton("rms_norm", "rms_norm:rms_norm")

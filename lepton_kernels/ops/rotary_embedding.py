@@ -6,7 +6,12 @@ For a token at position p, with cos_sin_cache[p] = [cos(p * inv_freq) | sin(p * 
 is_neox=True  (Llama, Qwen, Mistral): the pairs are (x[i], x[i + rot_dim/2]), the two halves;
 is_neox=False (GPT-J, interleaved):   the pairs are (x[2i], x[2i + 1]).
 Dims rot_dim..D pass through unchanged (partial rotary, e.g. Phi, GPT-NeoX, ChatGLM).
-Math in float32; q' and k' are new tensors in q's and k's dtypes (the inputs are not modified).
+Math in float32, rounded back to q's and k's dtypes.
+
+In place, as vLLM's op: q and k are overwritten with their rotated values and returned (the same
+tensor objects). They may be strided views, e.g. slices of a fused qkv projection's output
+(q = qkv[:, :Hq*D].view(T, Hq, D)); only their own elements are written, so the rest of that
+buffer (v) is untouched and no per-layer copy of q/k is made. q and k must not overlap.
 """
 
 from __future__ import annotations
@@ -36,6 +41,11 @@ def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
     if not isinstance(is_neox, bool):
         raise ValueError(f"is_neox must be a bool, got {type(is_neox).__name__}")
     check_same_device(positions=positions, q=q, k=k, cos_sin_cache=cos_sin_cache)
+    for name, x in (("q", q), ("k", k)):
+        # Written in place: a broadcast view (stride 0) would have one element stand for several.
+        if any(st == 0 and n > 1 for st, n in zip(x.stride(), x.shape)):
+            raise ValueError(f"{name} is rotated in place and must not be a broadcast (stride 0) view, "
+                             f"got shape {tuple(x.shape)} with strides {x.stride()}")
     if check_range and positions.numel():
         lo, hi = torch.aminmax(positions)
         if lo < 0 or hi >= cos_sin_cache.shape[0]:
@@ -43,31 +53,30 @@ def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_ca
                              f"(cos_sin_cache.shape[0]), got values in [{int(lo)}, {int(hi)}]")
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
-    # x: [T, H, D]; cos, sin: [T, 1, rot_dim/2] in float32
-    rot_dim = 2 * cos.shape[-1]
-    rot = x[..., :rot_dim].float()
+def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> None:
+    # x: [T, H, D], any strides; cos, sin: [T, 1, rot_dim/2] in float32. Only x[..., :rot_dim] is
+    # written; the right-hand side is a new tensor, complete before copy_ overwrites its inputs.
+    rot = x[..., :2 * cos.shape[-1]]
+    xf = rot.float()
     if is_neox:
-        x1, x2 = rot.chunk(2, dim=-1)
-        rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        x1, x2 = xf.chunk(2, dim=-1)
+        rot.copy_(torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1))
     else:
-        x1, x2 = rot[..., 0::2], rot[..., 1::2]
-        rotated = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-    if rot_dim == x.shape[-1]:
-        return rotated.to(x.dtype)
-    return torch.cat((rotated.to(x.dtype), x[..., rot_dim:]), dim=-1)
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        rot.copy_(torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2))
 
 
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool = True):
-    """positions[T] int, q[T,Hq,D], k[T,Hk,D], cos_sin_cache[max_pos, rot_dim] -> (q', k')."""
+    """positions[T] int, q[T,Hq,D], k[T,Hk,D], cos_sin_cache[max_pos, rot_dim] -> (q, k).
+
+    Modifies q and k in place (through their strides) and returns those same tensors.
+    """
     _check(positions, q, k, cos_sin_cache, is_neox)
     cos, sin = cos_sin_cache.index_select(0, positions).float().unsqueeze(1).chunk(2, dim=-1)
-    if q.dtype != k.dtype:
-        return _rotate(q, cos, sin, is_neox), _rotate(k, cos, sin, is_neox)
-    # One pass over the heads of q and k together: half the (small, launch-bound) CPU ops.
-    qk = _rotate(torch.cat((q, k), dim=1), cos, sin, is_neox)
-    return qk[:, :q.shape[1]], qk[:, q.shape[1]:]
+    _rotate_(q, cos, sin, is_neox)
+    _rotate_(k, cos, sin, is_neox)
+    return q, k
 
 
 def build_cos_sin_cache(max_position: int, rot_dim: int, base: float = 10000.0,

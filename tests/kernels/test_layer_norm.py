@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import lepton_kernels
 
 from ..helpers import TOLERANCES
-from .test_rms_norm import poison_empty
+from .test_rms_norm import CHUNKED_SHAPES, poison_empty, small_row_blocks
 
 IMPLS = ["eager", "triton"]
 DTYPES = [torch.float32, torch.float16]
@@ -101,10 +101,59 @@ def test_layer_norm_accepts_strided_views(impl):
     check(s, s_ref, torch.float32)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,hidden", CHUNKED_SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+def test_layer_norm_chunked_rows_match_float64(monkeypatch, dtype, tokens, hidden, with_residual, with_bias):
+    small_row_blocks(monkeypatch)
+    x, w, b, r = inputs(tokens, hidden, dtype, seed=3)
+    b, r = (b if with_bias else None), (r if with_residual else None)
+    with lepton_kernels.use(layer_norm="triton"):
+        out = lepton_kernels.layer_norm(x, w, b, 1e-5, residual=r)
+    y_ref, s_ref = reference(x, w, b, 1e-5, r)
+    if with_residual:
+        check(out[0], y_ref, dtype)
+        check(out[1], s_ref, dtype)
+    else:
+        check(out, y_ref, dtype)
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_block", "chunked"])
+def test_layer_norm_large_mean_small_spread(monkeypatch, chunked):
+    # mean 1000, spread 0.01: E[s^2] - E[s]^2 in float32 would cancel to noise (1e6 * 2^-24 ~ 0.06
+    # against a variance of 1e-4); the chunk statistics must be merged about their own means.
+    # Any float32 mean of such a row is off by ~1e-4 of the spread, so the bound is the error of
+    # the same computation in float32 torch (the eager spec), with the flash-attention 2x rule.
+    if chunked:
+        small_row_blocks(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    x = 1000 + 0.01 * torch.randn(3, 769, generator=g)
+    w, b = torch.randn(769, generator=g), torch.randn(769, generator=g)
+    expected = reference(x, w, b, 1e-12)[0]
+    with lepton_kernels.use(layer_norm="eager"):
+        eager_err = (lepton_kernels.layer_norm(x, w, b, 1e-12).double() - expected).abs().max()
+    with lepton_kernels.use(layer_norm="triton"):
+        err = (lepton_kernels.layer_norm(x, w, b, 1e-12).double() - expected).abs().max()
+    assert err <= 2 * eager_err, f"max error {err:.3g} vs the float32 spec's {eager_err:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden", [8192, 8193, 20000])
+def test_layer_norm_rows_past_the_register_block(hidden):
+    # The real cap: 8192 is one block, 8193 and 20000 are chunked (no size limit any more).
+    x, w, b, r = inputs(2, hidden, torch.float32, seed=5)
+    with lepton_kernels.use(layer_norm="triton"):
+        y, s = lepton_kernels.layer_norm(x, w, b, 1e-5, residual=r)
+    y_ref, s_ref = reference(x, w, b, 1e-5, r)
+    check(y, y_ref, torch.float32)
+    check(s, s_ref, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("tokens,hidden", [(83, 769), (7, 8192)])
+@pytest.mark.parametrize("tokens,hidden", [(83, 769), (7, 8192), (5, 16384), (3, 65536), (2, 70001)])
 def test_layer_norm_bf16_on_gpu(impl, tokens, hidden):
     x, w, b, r = inputs(tokens, hidden, torch.bfloat16)
     with lepton_kernels.use(layer_norm=impl):

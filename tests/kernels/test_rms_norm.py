@@ -102,10 +102,65 @@ def test_rms_norm_accepts_a_strided_row_view(impl):
     check(y, reference(x, w, 1e-6)[0], torch.float32)
 
 
+def small_row_blocks(monkeypatch, max_block=64):
+    """Lower the Triton norm kernels' register block so small rows take the chunked loop that
+    real rows above 8192 elements take (the launcher reads the cap at every call)."""
+    from lepton_kernels.triton_kernels import rms_norm as triton_rms_norm
+
+    monkeypatch.setattr(triton_rms_norm, "MAX_BLOCK", max_block)
+    assert triton_rms_norm.row_launch_config(max_block + 1) == (max_block, max(1, max_block // 512))
+
+
+# hidden 769 = 12 full chunks of 64 + 1; 128 = exactly 2 chunks; 64 = one block; 1000 = odd tail
+CHUNKED_SHAPES = [(7, 769), (3, 128), (5, 64), (2, 1000)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("tokens,hidden", CHUNKED_SHAPES)
+@pytest.mark.parametrize("with_residual", [False, True], ids=["plain", "residual"])
+def test_rms_norm_chunked_rows_match_float64(monkeypatch, dtype, tokens, hidden, with_residual):
+    small_row_blocks(monkeypatch)
+    x, w, r = inputs(tokens, hidden, dtype, seed=3)
+    x_before, r_before = x.clone(), r.clone()
+    with lepton_kernels.use(rms_norm="triton"):
+        out = lepton_kernels.rms_norm(x, w, 1e-6, residual=r if with_residual else None)
+    y_ref, s_ref = reference(x, w, 1e-6, r if with_residual else None)
+    if with_residual:
+        check(out[0], y_ref, dtype)
+        check(out[1], s_ref, dtype)
+    else:
+        check(out, y_ref, dtype)
+    assert torch.equal(x, x_before) and torch.equal(r, r_before), "inputs modified"
+
+
+def test_rms_norm_chunked_strided_rows(monkeypatch):
+    small_row_blocks(monkeypatch, max_block=32)
+    g = torch.Generator().manual_seed(4)
+    wide = torch.randn(5, 2 * 300, generator=g)
+    x, r, w = wide[:, 300:], wide[:, :300], torch.randn(300, generator=g)
+    with lepton_kernels.use(rms_norm="triton"):
+        y, s = lepton_kernels.rms_norm(x, w, 1e-6, residual=r)
+    y_ref, s_ref = reference(x, w, 1e-6, r)
+    check(y, y_ref, torch.float32)
+    check(s, s_ref, torch.float32)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hidden", [8192, 8193, 20000])
+def test_rms_norm_rows_past_the_register_block(hidden):
+    # The real cap: 8192 is one block, 8193 and 20000 are chunked (no size limit any more).
+    x, w, r = inputs(2, hidden, torch.float32, seed=5)
+    with lepton_kernels.use(rms_norm="triton"):
+        y, s = lepton_kernels.rms_norm(x, w, 1e-6, residual=r)
+    y_ref, s_ref = reference(x, w, 1e-6, r)
+    check(y, y_ref, torch.float32)
+    check(s, s_ref, torch.float32)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("tokens,hidden", [(83, 769), (7, 8192)])
+@pytest.mark.parametrize("tokens,hidden", [(83, 769), (7, 8192), (5, 16384), (3, 65536), (2, 70001)])
 def test_rms_norm_bf16_on_gpu(impl, tokens, hidden):
     x, w, r = inputs(tokens, hidden, torch.bfloat16)
     with lepton_kernels.use(rms_norm=impl):

@@ -1,5 +1,6 @@
 """rotary_embedding against a naive float64 loop over tokens and rotation pairs, and against
-Hugging Face transformers' Llama rotary code for the neox layout and the cos/sin table."""
+Hugging Face transformers' Llama rotary code for the neox layout and the cos/sin table. The op
+rotates q and k in place: every test checks the returned tensors are the inputs themselves."""
 
 import math
 
@@ -15,8 +16,9 @@ from .test_rms_norm import poison_empty
 IMPLS = ["eager", "triton"]
 DTYPES = [torch.float32, torch.float16]
 MAX_POS = 200
-# (tokens, q heads, kv heads, head_dim, rot_dim)
-SHAPES = [(1, 2, 2, 64, 64), (7, 4, 2, 80, 80), (7, 3, 1, 80, 32), (83, 2, 1, 64, 64)]
+# (tokens, q heads, kv heads, head_dim, rot_dim): MHA, GQA, MQA, odd head counts, partial rotary
+SHAPES = [(1, 2, 2, 64, 64), (7, 4, 2, 80, 80), (7, 3, 1, 80, 32), (83, 2, 1, 64, 64),
+          (5, 5, 5, 48, 16), (9, 6, 3, 96, 48)]
 
 
 @pytest.fixture(autouse=True)
@@ -57,40 +59,82 @@ def run(impl, *args):
         return lepton_kernels.rotary_embedding(*args)
 
 
+def run_in_place(impl, positions, q, k, cache, is_neox):
+    """Run the op and check it handed back q and k themselves, storage and strides unchanged."""
+    ptrs, strides = (q.data_ptr(), k.data_ptr()), (q.stride(), k.stride())
+    q_out, k_out = run(impl, positions, q, k, cache, is_neox)
+    assert q_out is q and k_out is k, "rotary_embedding must return its q and k"
+    assert (q.data_ptr(), k.data_ptr()) == ptrs and (q.stride(), k.stride()) == strides
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("tokens,hq,hk,d,rot_dim", SHAPES)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
-def test_rotary_matches_naive_float64(impl, dtype, tokens, hq, hk, d, rot_dim, is_neox):
+def test_rotary_in_place_matches_naive_float64(impl, dtype, tokens, hq, hk, d, rot_dim, is_neox):
     positions, q, k, cache = inputs(tokens, hq, hk, d, rot_dim, dtype)
     q_before, k_before = q.clone(), k.clone()
-    q_out, k_out = run(impl, positions, q, k, cache, is_neox)
-    check(q_out, reference(positions, q, cache, is_neox), dtype)
-    check(k_out, reference(positions, k, cache, is_neox), dtype)
-    # Partial rotary: the tail is copied bit for bit.
-    assert torch.equal(q_out[..., rot_dim:], q[..., rot_dim:])
-    assert torch.equal(k_out[..., rot_dim:], k[..., rot_dim:])
-    assert torch.equal(q, q_before) and torch.equal(k, k_before), "inputs modified"
+    run_in_place(impl, positions, q, k, cache, is_neox)
+    check(q, reference(positions, q_before, cache, is_neox), dtype)
+    check(k, reference(positions, k_before, cache, is_neox), dtype)
+    # Partial rotary: the tail is left bit for bit.
+    assert torch.equal(q[..., rot_dim:], q_before[..., rot_dim:])
+    assert torch.equal(k[..., rot_dim:], k_before[..., rot_dim:])
+
+
+def fused_qkv(tokens, hq, hk, d, dtype, seed):
+    """A qkv projection output [T, (Hq + 2 Hk) * D] and its q [T, Hq, D], k and v views."""
+    g = torch.Generator().manual_seed(seed)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g).to(dtype)
+    q = qkv[:, :hq * d].view(tokens, hq, d)
+    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    v = qkv[:, (hq + hk) * d:].view(tokens, hk, d)
+    return qkv, q, k, v
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
-def test_rotary_reads_strided_slices_of_a_fused_qkv(impl, dtype, is_neox):
-    # qkv projection output [T, (Hq + 2 Hk) * D] viewed as q [T, Hq, D] and k [T, Hk, D];
-    # int32 positions and a cache in the activation dtype, as some engines keep them
-    tokens, hq, hk, d = 7, 4, 2, 80
-    g = torch.Generator().manual_seed(3)
-    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g).to(dtype)
-    q = qkv[:, :hq * d].view(tokens, hq, d)
-    k = qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
-    positions = torch.randint(0, MAX_POS, (tokens,), generator=g, dtype=torch.int32)
-    cache = build_cos_sin_cache(MAX_POS, 32, dtype=dtype)
+@pytest.mark.parametrize("hq,hk,d,rot_dim", [(4, 2, 80, 32), (3, 1, 64, 64)])
+def test_rotary_rotates_views_of_a_fused_qkv_in_place(impl, dtype, is_neox, hq, hk, d, rot_dim):
+    # What the engine does: q and k are strided views of the qkv projection's output; rotating
+    # them must write through into that buffer and leave v (and the partial tails) as they were.
+    # int32 positions and a cache in the activation dtype, as some engines keep them.
+    tokens = 7
+    qkv, q, k, v = fused_qkv(tokens, hq, hk, d, dtype, seed=3)
+    assert not q.is_contiguous() and not k.is_contiguous()
+    positions = torch.randint(0, MAX_POS, (tokens,), generator=torch.Generator().manual_seed(4),
+                              dtype=torch.int32)
+    cache = build_cos_sin_cache(MAX_POS, rot_dim, dtype=dtype)
     qkv_before = qkv.clone()
-    q_out, k_out = run(impl, positions, q, k, cache, is_neox)
-    check(q_out, reference(positions, q, cache, is_neox), dtype)
-    check(k_out, reference(positions, k, cache, is_neox), dtype)
-    assert torch.equal(qkv, qkv_before), "input modified"
+    q_before, k_before = q.clone(), k.clone()
+    run_in_place(impl, positions, q, k, cache, is_neox)
+    assert q.data_ptr() == qkv.data_ptr()
+    check(qkv[:, :hq * d].view(tokens, hq, d), reference(positions, q_before, cache, is_neox), dtype)
+    check(qkv[:, hq * d:(hq + hk) * d].view(tokens, hk, d), reference(positions, k_before, cache, is_neox),
+          dtype)
+    assert torch.equal(qkv[:, (hq + hk) * d:], qkv_before[:, (hq + hk) * d:]), "v modified"
+    assert torch.equal(q[..., rot_dim:], q_before[..., rot_dim:])
+    assert torch.equal(k[..., rot_dim:], k_before[..., rot_dim:])
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
+def test_rotary_in_place_through_any_strides(impl, is_neox):
+    # Token-major-second q, a head_dim with stride 2 (every other element of a wider buffer) and
+    # a transposed cos/sin table: nothing is assumed about strides, and nothing is copied.
+    tokens, hq, hk, d, rot_dim = 6, 3, 1, 32, 16
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(hq, tokens, d, generator=g).transpose(0, 1)             # [T, Hq, D]
+    k_buf = torch.randn(tokens, hk, 2 * d, generator=g)
+    k = k_buf[..., ::2]                                                     # dim stride 2
+    cache = build_cos_sin_cache(MAX_POS, rot_dim).t().contiguous().t()       # column-major
+    positions = torch.randint(0, MAX_POS, (2 * tokens,), generator=g)[::2]  # stride 2
+    q_before, k_buf_before = q.clone(), k_buf.clone()
+    run_in_place(impl, positions, q, k, cache, is_neox)
+    check(q, reference(positions, q_before, cache, is_neox), torch.float32)
+    check(k_buf[..., ::2], reference(positions, k_buf_before[..., ::2], cache, is_neox), torch.float32)
+    assert torch.equal(k_buf[..., 1::2], k_buf_before[..., 1::2]), "elements between k's written"
 
 
 def test_rotary_dispatches_on_q_dtype_not_positions():
@@ -105,10 +149,17 @@ def test_rotary_dispatches_on_q_dtype_not_positions():
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("is_neox", [True, False], ids=["neox", "gptj"])
 def test_rotary_bf16_on_gpu(impl, is_neox):
-    positions, q, k, cache = inputs(83, 8, 2, 128, 64, torch.bfloat16)
-    q_out, k_out = run(impl, positions.cuda(), q.cuda(), k.cuda(), cache.cuda(), is_neox)
-    check(q_out.cpu(), reference(positions, q, cache, is_neox), torch.bfloat16)
-    check(k_out.cpu(), reference(positions, k, cache, is_neox), torch.bfloat16)
+    tokens, hq, hk, d, rot_dim = 83, 8, 2, 128, 64
+    qkv, q, k, v = fused_qkv(tokens, hq, hk, d, torch.bfloat16, seed=6)
+    positions = torch.randint(0, MAX_POS, (tokens,), generator=torch.Generator().manual_seed(7))
+    cache = build_cos_sin_cache(MAX_POS, rot_dim)
+    qkv_gpu = qkv.cuda()
+    q_gpu = qkv_gpu[:, :hq * d].view(tokens, hq, d)
+    k_gpu = qkv_gpu[:, hq * d:(hq + hk) * d].view(tokens, hk, d)
+    run_in_place(impl, positions.cuda(), q_gpu, k_gpu, cache.cuda(), is_neox)
+    check(q_gpu.cpu(), reference(positions, q, cache, is_neox), torch.bfloat16)
+    check(k_gpu.cpu(), reference(positions, k, cache, is_neox), torch.bfloat16)
+    assert torch.equal(qkv_gpu[:, (hq + hk) * d:].cpu(), qkv[:, (hq + hk) * d:]), "v modified"
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -123,7 +174,7 @@ def test_rotary_neox_matches_transformers_llama(impl):
     cos, sin = LlamaRotaryEmbedding(config)(q, positions[None])  # [1, T, D]
     # HF layout is [batch, heads, seq, dim]
     q_hf, k_hf = apply_rotary_pos_emb(q.transpose(0, 1)[None], k.transpose(0, 1)[None], cos, sin)
-    q_out, k_out = run(impl, positions, q, k, cache, True)
+    q_out, k_out = run(impl, positions, q.clone(), k.clone(), cache, True)
     torch.testing.assert_close(q_out, q_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(k_out, k_hf[0].transpose(0, 1), atol=1e-5, rtol=1e-5)
 
@@ -173,6 +224,8 @@ def _bad_cases():
     yield (pos, q, k, cache, 1), "is_neox must be a bool"
     yield (torch.tensor([0, 10, 2]), q, k, cache, True), "positions must lie in"
     yield (torch.tensor([0, -1, 2]), q, k, cache, True), "positions must lie in"
+    yield (pos, torch.ones(1, 4, 16).expand(3, 4, 16), k, cache, True), "q is rotated in place"
+    yield (pos, q, torch.ones(3, 1, 16).expand(3, 2, 16), cache, True), "k is rotated in place"
 
 
 @pytest.mark.parametrize("args,match", list(_bad_cases()))

@@ -145,7 +145,7 @@ def build_rope_table(params: dict, rotary_dim: int, max_position: int) -> torch.
 
 
 class RotaryEmbedding(nn.Module):
-    """Applies RoPE to q[T, Hq, D] and k[T, Hk, D] at ``positions``; rotary_dim <= D (partial)."""
+    """Applies RoPE in place to q[T, Hq, D] and k[T, Hk, D] at ``positions``; rotary_dim <= D (partial)."""
 
     def __init__(self, head_dim: int, max_position: int, params: dict, is_neox: bool = True,
                  dtype: torch.dtype = torch.float32, device=None):
@@ -161,4 +161,5 @@ class RotaryEmbedding(nn.Module):
         return self.cos_sin_cache.shape[0]
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """Rotates q and k in place (views of the fused qkv output included) and returns them."""
         return lk.rotary_embedding(positions, q, k, self.cos_sin_cache, self.is_neox)
