@@ -28,6 +28,8 @@ class SamplingMetadata:
 
     temperature [B] f32     rows below SAMPLING_EPS are greedy (argmax)
     all_greedy, all_random  host-side: every row greedy / none greedy
+    all_seeded              host-side: every row seeded (the sampler then draws nothing from the
+                            shared generator, and needs no device sync to find that out)
     top_k [B] i64           0 = off                      None: no row uses it
     top_p [B] f32           1.0 = off                    None: no row uses it
     min_p [B] f32           0.0 = off                    None: no row uses it
@@ -49,6 +51,7 @@ class SamplingMetadata:
     temperature: torch.Tensor
     all_greedy: bool
     all_random: bool
+    all_seeded: bool = False
     top_k: torch.Tensor | None = None
     top_p: torch.Tensor | None = None
     min_p: torch.Tensor | None = None
@@ -107,6 +110,7 @@ class SamplingMetadata:
             keys = stream_keys(np.array([seed_key(s) if s is not None else 0 for s in seeds], dtype=np.int64),
                                np.array(list(steps), dtype=np.int64))
             md.keys = torch.from_numpy(np.where(seeded, keys, 0)).to(device)
+            md.all_seeded = all(seeded)
             md.seeded = tensor(seeded, torch.bool)
         banning = [n < p.min_tokens for n, p in zip(steps, params)]
         if any(seeded) or any(banning):

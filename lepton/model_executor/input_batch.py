@@ -158,6 +158,7 @@ class InputBatch:
             if "logit_bias" in extra:
                 md.logit_bias = tuple(up.get(h) for h in extra["logit_bias"])
             md.num_logprobs = extra.get("num_logprobs")
+            md.all_seeded = extra.get("all_seeded", False)
             return md
 
         return finish
@@ -173,6 +174,7 @@ class InputBatch:
         banning = steps < self.min_tokens[rows]
         if seeded.any():
             fields["keys"], fields["seeded"] = up.add(np.where(seeded, stream_keys(self.seeds[rows], steps), 0)), up.add(seeded)
+            extra["all_seeded"] = bool(seeded.all())
         if seeded.any() or banning.any():
             fields["steps"] = up.add(steps)
         if banning.any():

@@ -43,7 +43,7 @@ def test_from_params_matches_hand_built_metadata():
     logits = torch.randn(4, 30, generator=seeded(1))
     assert sample_batch(logits, hand, seeded(3)).token_ids == sample_batch(logits, md, seeded(3)).token_ids
     plain = SamplingMetadata.from_params([SamplingParams()] * 2, device="cpu")
-    assert all(getattr(plain, f.name) is None for f in fields(SamplingMetadata)[3:])
+    assert all(getattr(plain, f.name) is None for f in fields(SamplingMetadata)[4:])
 
 
 def test_seed_key_and_the_documented_stream():
