@@ -76,6 +76,46 @@ def test_commands_other_than_serve_never_import_the_server_stack():
     assert out.splitlines()[-1] == "LOADED []"
 
 
+def test_plain_lepton_kernels_never_imports_triton():
+    code = ("import sys; from lepton.entrypoints.cli.main import main; main(['kernels']); "
+            "print('TRITON', 'triton' in sys.modules)")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # (which imports triton)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=env).stdout
+    assert out.splitlines()[-1] == "TRITON False"
+
+
+def test_compile_report_flags_need_compile():
+    proc = lepton("kernels", "--json")
+    assert proc.returncode == 1 and "--json only apply to the compile report: add --compile" in proc.stderr.decode()
+    assert proc.stdout == b""
+
+
+def test_compile_report_lists_its_cases_and_rejects_a_bad_arch():
+    listed = lepton("kernels", "--compile", "--list").stdout.decode().splitlines()
+    assert any(line.split()[:2] == ["flash_attention", "flash_prefill_causal_d128"] for line in listed)
+    proc = lepton("kernels", "--compile", "--arch", "ampere")
+    assert proc.returncode == 1 and "--arch: 'ampere' is not a CUDA architecture" in proc.stderr.decode()
+    assert "Traceback" not in proc.stderr.decode()
+
+
+def test_compile_report_check_fails_on_a_kernel_the_compiler_rejects():
+    """Through ``lepton``, from a shell where TRITON_INTERPRET=1 (this test process): the report
+    compiles anyway (it is a fresh process) and --check exits 1 naming the kernel."""
+    from lepton_kernels.compile.driver import toolchain_problem
+
+    if problem := toolchain_problem():
+        pytest.skip(f"this triton install cannot compile for CUDA: {problem}")
+    assert os.environ["TRITON_INTERPRET"] == "1"
+    proc = lepton("kernels", "--compile", "--arch", "sm_90", "--case", "selftest_bad_dot", "--json",
+                  "--check", "--jobs", "1")
+    records = json.loads(proc.stdout)
+    assert proc.returncode == 1 and [r["kernel"] for r in records] == ["_selftest_bad_dot_kernel"]
+    assert records[0]["arch"] == "sm_90" and records[0]["ok"] is False
+    assert "check failed: selftest selftest_bad_dot/fp16 _selftest_bad_dot_kernel sm_90: compile error" \
+        in proc.stderr.decode()
+
+
 def test_unknown_command_exits_with_usage():
     proc = lepton("nope")
     assert proc.returncode == 2 and "invalid choice" in proc.stderr.decode()

@@ -18,7 +18,7 @@ so the last query faces the last key (a decode step, a prefill after a cached pr
 A query row that sees no key (p_i < 0 under causal alignment when Lq > Lk, or Lk == 0) outputs
 zeros. Scores and softmax in float32 (or wider); the output has q's dtype and is a new tensor.
 The eager path pads sequences of similar lengths into groups (see sequence_groups); the Triton
-kernel (triton_kernels/flash_attention.py) takes head_dim 64, 80, 96 and 128.
+kernel (triton_kernels/flash_attention.py) takes head_dim 64, 80, 96, 128 and 256.
 """
 
 from __future__ import annotations
@@ -196,10 +196,15 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
     return out
 
 
+# Head dims the Triton kernel has launch configurations for (80 and 96 pad to 128, never 256).
+TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
+
+
 def triton_supports(q, *args, **kwargs):
     """Head dims the Triton kernels are built for; anything else falls back to eager."""
-    if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[2] not in (64, 80, 96, 128):
-        return f"head_dim {q.shape[2]} not supported by the triton kernel (64, 80, 96, 128)"
+    if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[2] not in TRITON_HEAD_DIMS:
+        return (f"head_dim {q.shape[2]} not supported by the triton kernel "
+                f"({', '.join(map(str, TRITON_HEAD_DIMS))})")
     return True
 
 

@@ -11,9 +11,10 @@ This is flash_attention(causal=True) on the sequence's cached K/V (bottom-right 
 the same GQA mapping (query head h reads kv head h // (Hq // Hk)), scale default 1/sqrt(D) and
 sliding window (keys p_i - W + 1 .. p_i, Hugging Face / Mistral semantics); see flash_attention.
 Decode is q_len_b == 1. Block-table entries past a sequence's last block are never read.
-Softmax in float32; the output is a new tensor in q's dtype. The Triton kernel
-(triton_kernels/paged_attention.py) packs the query heads of a kv head into one program and
-splits long contexts across programs when the batch is small (flash-decoding).
+Softmax in float32; the output is a new tensor in q's dtype. The Triton kernels
+(triton_kernels/paged_attention*.py) run decode sequences in GQA-packed programs (the query heads
+of a kv head as the rows of one tile) and the others in query tiles, read K/V a whole cache block
+at a time, and split long contexts across programs when the batch is small (flash-decoding).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from ..registry import SampleInput, register_op
 from ._backends import register_triton
 from ._checks import check_same, check_same_device, check_tensor, randn
 from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args, gather_rows,
-                              sequence_groups, token_index, triton_supports)
+                              sequence_groups, token_index)
+
+TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
 def _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
@@ -171,6 +174,19 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
                                           cu.to(device), max(lq), max(lk)),
                                    {"sliding_window": window}))
     return samples
+
+
+def triton_supports(q, k_cache=None, *args, **kwargs):
+    """Shapes the Triton kernels are built for (anything else falls back to eager): the head dims
+    of their config table, and power-of-two block sizes (a key tile is whole blocks or a slice of
+    one block; the engine only makes powers of two)."""
+    if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[2] not in TRITON_HEAD_DIMS:
+        return f"head_dim {q.shape[2]} not supported by the triton kernel {TRITON_HEAD_DIMS}"
+    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
+        block_size = k_cache.shape[1]
+        if block_size < 1 or block_size & (block_size - 1):
+            return f"block_size {block_size} (k_cache.shape[1]) is not a power of two"
+    return True
 
 
 register_op("paged_attention", paged_attention, sample_inputs=sample_inputs)

@@ -16,13 +16,15 @@ import lepton_kernels
 IMPLS = ["eager", "triton"]
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-4, torch.bfloat16: 1e-3}
 
-# name -> (q lens, k lens): self-attention, queries after a prefix, more queries than keys
+# name -> (q lens, k lens): self-attention, queries after a prefix, more queries than keys, and
+# a ragged batch with one-token and empty sequences (repeated cu_seqlens values)
 SEQS = {
     "self": ([1, 16, 17, 37], [1, 16, 17, 37]),
     "prefix": ([1, 5, 17], [16, 37, 17]),
     "q_gt_k": ([5, 3, 2], [2, 3, 9]),
+    "ragged": ([1, 0, 0, 40, 1, 33], [1, 0, 6, 40, 19, 33]),
 }
-HEADS = [(2, 2), (8, 2), (7, 1)]
+HEADS = [(2, 2), (8, 2), (7, 1), (12, 4), (8, 1)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -118,7 +120,8 @@ def run(impl, q, k, v, q_lens, k_lens, causal, **kwargs):
 
 
 def check(out, q, k, v, q_lens, k_lens, causal, **kwargs):
-    """The flash-attention tolerance rule against float64, plus a direct SDPA comparison."""
+    """The flash-attention tolerance rule against float64, plus a direct SDPA comparison that
+    also allows one rounding of the output (rtol eps: two roundings may differ by an ulp)."""
     assert out.dtype == q.dtype and out.shape == q.shape
     assert not out.isnan().any(), "unwritten or NaN output rows"
     ref = reference(q, k, v, q_lens, k_lens, causal, kwargs.get("scale"), kwargs.get("sliding_window"))
@@ -127,15 +130,17 @@ def check(out, q, k, v, q_lens, k_lens, causal, **kwargs):
     err = (out.double() - ref).abs().max().item()
     assert err <= 2 * torch_err + FLOOR[q.dtype], f"max error {err:.3g}, torch's {torch_err:.3g}"
     torch.testing.assert_close(out.double(), torch_out.double(), atol=2 * torch_err + 2 * FLOOR[q.dtype],
-                               rtol=0)
+                               rtol=torch.finfo(q.dtype).eps)
 
 
 # What the Triton interpreter runs by default (each feature at least twice); the whole grid
 # runs for triton under `pytest -m slow`.
 TRITON_FAST = {
     torch.float32: {"self-8:2-d80-causal", "self-2:2-d64-full-w8", "prefix-7:1-d64-causal-w8",
-                    "prefix-8:2-d80-full", "q_gt_k-7:1-d80-causal-w8", "q_gt_k-2:2-d64-full"},
-    torch.float16: {"self-7:1-d80-causal-w8", "prefix-8:2-d64-causal", "q_gt_k-2:2-d80-full"},
+                    "prefix-8:2-d80-full", "q_gt_k-7:1-d80-causal-w8", "q_gt_k-2:2-d64-full",
+                    "ragged-12:4-d80-causal", "ragged-8:1-d64-full-w8"},
+    torch.float16: {"self-7:1-d80-causal-w8", "prefix-8:2-d64-causal", "q_gt_k-2:2-d80-full",
+                    "ragged-8:1-d80-causal-w8", "ragged-12:4-d64-causal"},
 }
 
 
@@ -173,7 +178,8 @@ def test_matches_references_fp16(impl, seqs, hq, hk, d, causal, window):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 needs a GPU (interpreter gap)")
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("seqs,hq,hk,d,causal,window", [
-    ("self", 8, 2, 128, True, None), ("prefix", 7, 1, 80, True, 8), ("q_gt_k", 4, 4, 64, False, None)])
+    ("self", 8, 2, 128, True, None), ("prefix", 7, 1, 80, True, 8), ("q_gt_k", 4, 4, 64, False, None),
+    ("ragged", 12, 4, 96, True, 16), ("ragged", 8, 1, 256, True, None), ("prefix", 4, 2, 256, False, 8)])
 def test_matches_references_bf16_cuda(impl, seqs, hq, hk, d, causal, window):
     q_lens, k_lens = SEQS[seqs]
     q, k, v = make(q_lens, k_lens, hq, hk, d, torch.bfloat16, seed=3)
@@ -183,22 +189,65 @@ def test_matches_references_bf16_cuda(impl, seqs, hq, hk, d, causal, window):
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("window", [1, 2, 16, 17])
+@pytest.mark.parametrize("window", [1, 2, 15, 16, 17, 32, 33])
 def test_sliding_window_edges(impl, causal, window):
-    # Windows that start exactly on, just before and just after a 16-key tile boundary.
-    q_lens, k_lens = [37, 4], [37, 35]
+    # The interpreter's tiles are 32 queries x 16 keys: windows ending on, just before and just
+    # after a key tile boundary; the 64/80 sequence puts every query block on tile boundaries.
+    q_lens, k_lens = [37, 4, 64], [37, 35, 80]
     q, k, v = make(q_lens, k_lens, 2, 1, 64, torch.float32, seed=6)
     out = run(impl, q, k, v, q_lens, k_lens, causal, sliding_window=window)
     check(out, q, k, v, q_lens, k_lens, causal, sliding_window=window)
 
 
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_key_tiles_before_the_window_are_never_read(causal):
+    # Queries at key positions 80..99 with a window of 8 see keys >= 73, so the tiles of keys
+    # 0..63 lie wholly outside every window: NaN there reaches the output only if they are read.
+    q_lens, k_lens = [20, 3], [100, 3]
+    q, k, v = make(q_lens, k_lens, 4, 2, 64, torch.float32, seed=7)
+    k_nan, v_nan = k.clone(), v.clone()
+    k_nan[:64], v_nan[:64] = float("nan"), float("nan")
+    out = run("triton", q, k_nan, v_nan, q_lens, k_lens, causal, sliding_window=8)
+    check(out, q, k, v, q_lens, k_lens, causal, sliding_window=8)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("d", [96, 128])
-def test_other_head_dims(impl, d):
-    q_lens, k_lens = [3, 17], [20, 17]
-    q, k, v = make(q_lens, k_lens, 4, 2, d, torch.float32, seed=4)
-    out = run(impl, q, k, v, q_lens, k_lens, True)
-    check(out, q, k, v, q_lens, k_lens, True)
+@pytest.mark.parametrize("d,dtype", [(96, torch.float32), (128, torch.float32), (96, torch.float16),
+                                     (256, torch.float32), (256, torch.float16)])
+def test_other_head_dims(impl, d, dtype):
+    q_lens, k_lens = [3, 17, 0], [20, 17, 4]
+    q, k, v = make(q_lens, k_lens, 4, 2, d, dtype, seed=4)
+    for causal, window in ((True, None), (False, 5)):
+        out = run(impl, q, k, v, q_lens, k_lens, causal, sliding_window=window)
+        check(out, q, k, v, q_lens, k_lens, causal, sliding_window=window)
+
+
+def gpu_tile_configs():
+    """Every entry of the GPU launch tables (each tier, head dim, dtype, short / long prefill)."""
+    from lepton_kernels.triton_kernels import flash_attention_config as fc
+    seen = {}
+    for tier in fc.HALF_CONFIGS:
+        for block_d in (64, 128, 256):
+            for dtype in (torch.float16, torch.float32):
+                for max_q in (fc.SHORT_Q, fc.SHORT_Q + 1):
+                    cfg = fc.table_config(tier, block_d, dtype, max_q)
+                    seen.setdefault((block_d, dtype, cfg), f"{tier}-d{block_d}-{str(dtype)[6:]}-q{max_q}")
+    return [pytest.param(*key, id=name) for key, name in seen.items()]
+
+
+@pytest.mark.parametrize("block_d,dtype,cfg", gpu_tile_configs())
+def test_gpu_tile_configs_under_the_interpreter(monkeypatch, block_d, dtype, cfg):
+    # The kernel with each GPU table's tiles: several query blocks, bottom-right causal after a
+    # prefix, windows ending on a key tile boundary, one-token and empty sequences.
+    import lepton_kernels.triton_kernels.flash_attention as kernel
+    monkeypatch.setattr(kernel, "launch_config", lambda *args: cfg)
+    d = {64: 64, 128: 80 if dtype == torch.float32 else 128, 256: 256}[block_d]
+    m, n = cfg.block_m, cfg.block_n
+    q_lens, k_lens = [1, 0, 2 * m + 5, m - 3], [1, 3, 2 * m + 5 + n, m - 3]
+    q, k, v = make(q_lens, k_lens, 2, 1, d, dtype, seed=8)
+    for causal, window in ((True, None), (True, n), (False, 2 * n + 1)):
+        out = run("triton", q, k, v, q_lens, k_lens, causal, sliding_window=window)
+        check(out, q, k, v, q_lens, k_lens, causal, sliding_window=window)
 
 
 def test_unsupported_head_dim_falls_back_to_eager():

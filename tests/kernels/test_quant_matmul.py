@@ -90,17 +90,88 @@ def test_equals_matmul_with_dequantized_weight_fp16(poisoned_empty, impl, m, k, 
     torch.testing.assert_close(y.double(), ref, rtol=2e-3, atol=2e-3)
 
 
-@pytest.mark.parametrize("k,fmt", [(2048, "int8"), (1024, "int4_g32")])
-def test_triton_decode_split_k(poisoned_empty, k, fmt):
-    from lepton_kernels.triton_kernels.quant_matmul import _gemv_config
+# The grid of the Triton rewrite: M from decode (1, 3, 16: one 16-row tile, split-K) to prefill
+# tiles (17, 33, 64), every format, odd N, K a multiple of the group (int8: an odd K, so the
+# last K step is masked), against both the eager spec and float64 math.
+GRID_K = {"int8": 97, "int4_g32": 96, "int4_g64": 192, "int4_g128": 256}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt", list(FORMATS))
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_grid_against_eager_and_float64(poisoned_empty, dtype, fmt, m, with_bias):
+    n, k = 45, GRID_K[fmt]
+    qw = lepton_kernels.quantize(randn(n, k, seed=k, dtype=dtype, scale=0.05), *FORMATS[fmt])
+    x = randn(m, k, seed=m, dtype=dtype)
+    bias = randn(n, seed=4, dtype=dtype) if with_bias else None
+    y = run("triton", x, qw, bias)
+    assert y.shape == (m, n) and y.dtype == dtype
+    ref = x.double() @ lepton_kernels.dequantize(qw).double().T
+    if with_bias:
+        ref += bias.double()
+    spec = run("eager", x, qw, bias).double()
+    if dtype == torch.float32:
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(y.double(), spec, rtol=1e-5, atol=1e-5)
+    else:
+        # Both round the float32 sum once to fp16 (eager may also round partial sums): at most
+        # a couple of fp16 ulps of |y| <= ~8 apart, and each within one rounding of float64.
+        torch.testing.assert_close(y.double(), ref, rtol=1e-3, atol=4e-3)
+        torch.testing.assert_close(y.double(), spec, rtol=2e-3, atol=8e-3)
+
+
+@pytest.mark.parametrize("m,k,fmt", [(1, 2048, "int8"), (16, 1024, "int4_g32"),
+                                     (5, 1024, "int4_g128")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_decode_split_k_reduces_in_kernel(poisoned_empty, m, k, fmt, dtype):
+    from lepton_kernels.triton_kernels.quant_matmul_config import (
+        pick_config, split_k_locks, split_k_plan)
 
     n = 37
-    split = _gemv_config(1, n, k, *FORMATS[fmt], torch.device("cpu"))[3]
+    cfg = pick_config(m, n, *FORMATS[fmt], dtype, 90, 132)
+    split = split_k_plan(n, k, cfg, 132)[0]
     assert split > 1, "this case is meant to exercise the split-K reduction"
-    qw = lepton_kernels.quantize(randn(n, k, seed=5, scale=0.05), *FORMATS[fmt])
-    x, bias = randn(1, k, seed=6), randn(n, seed=7)
+    qw = lepton_kernels.quantize(randn(n, k, seed=5, dtype=dtype, scale=0.05), *FORMATS[fmt])
+    x, bias = randn(m, k, seed=6, dtype=dtype), randn(n, seed=7, dtype=dtype)
     ref = x.double() @ lepton_kernels.dequantize(qw).double().T + bias.double()
-    torch.testing.assert_close(run("triton", x, qw, bias).double(), ref, rtol=1e-5, atol=1e-5)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    first = run("triton", x, qw, bias)
+    torch.testing.assert_close(first.double(), ref, rtol=tol, atol=tol)
+    # The last program of each tile resets its arrival counter: a second launch reuses the
+    # buffer and must give the same (deterministically ordered) sum.
+    assert not split_k_locks(x, 1).any()
+    assert torch.equal(run("triton", x, qw, bias), first)
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_prepare_builds_the_layout_once_and_rebuilds_on_change(fmt):
+    from lepton_kernels.triton_kernels.quant_matmul import prepare
+
+    n, k = 45, GRID_K[fmt]
+    qw = lepton_kernels.quantize(randn(n, k, seed=16, scale=0.05), *FORMATS[fmt])
+    prepared = prepare(qw)
+    assert qw.prepared["triton"] is prepared and prepare(qw) is prepared
+    # Decode the K-major words independently: code s of word i is input PACK * i + s.
+    bits = qw.bits
+    pack = 32 // bits
+    words = prepared.words.to(torch.int64) & 0xFFFFFFFF
+    shifts = torch.arange(pack) * bits
+    codes = (words[:, None, :] >> shifts[None, :, None]) & (2**bits - 1)
+    codes = codes.reshape(-1, words.shape[1])
+    codes = codes[:k, :n].T.double()
+    groups = torch.arange(k) // (qw.group_size or k)
+    scales = prepared.scales[groups, :n].T.double()
+    zeros = 128.0 if bits == 8 else prepared.zeros[groups, :n].T.double()
+    torch.testing.assert_close(((codes - zeros) * scales).float(), lepton_kernels.dequantize(qw),
+                               rtol=0, atol=0)
+    x = randn(2, k, seed=17)
+    before = run("triton", x, qw)
+    with torch.no_grad():
+        qw.scales.mul_(2)          # in place: the cached layout is stale and must be rebuilt
+    after = run("triton", x, qw)
+    assert qw.prepared["triton"] is not prepared
+    torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -152,7 +223,7 @@ def test_bad_inputs_raise_value_error_naming_the_argument(impl):
 @needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["int8", "int4_g128", "int4_g32"])
-@pytest.mark.parametrize("m", [1, 5, 16, 100, 512])
+@pytest.mark.parametrize("m", [1, 3, 16, 17, 33, 64, 100, 512])
 def test_cuda_triton(dtype, fmt, m):
     n, k = 4097, 4096
     qw = lepton_kernels.quantize(randn(n, k, seed=1, dtype=dtype, device="cuda", scale=0.02),
@@ -164,3 +235,18 @@ def test_cuda_triton(dtype, fmt, m):
     ref = x.double() @ lepton_kernels.dequantize(qw).double().T + bias.double()
     tol = 2e-3 if dtype == torch.float16 else 1.6e-2
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * ref.abs().max().item())
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("fmt", ["int8", "int4_g64"])
+@pytest.mark.parametrize("m", [1, 16])
+def test_cuda_split_k_is_deterministic(dtype, fmt, m):
+    # Split-K partial sums are added in split order by whichever program arrives last.
+    n, k = 4096, 8192
+    qw = lepton_kernels.quantize(randn(n, k, seed=1, dtype=dtype, device="cuda", scale=0.02),
+                                 *FORMATS[fmt])
+    x = randn(m, k, seed=2, dtype=dtype, device="cuda")
+    first = run("triton", x, qw)
+    assert all(torch.equal(run("triton", x, qw), first) for _ in range(5))

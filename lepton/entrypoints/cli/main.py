@@ -8,6 +8,7 @@
     lepton bench --base-url URL ...            load-test a running server: throughput, TTFT, TPOT, ITL
     lepton demo [--model PATH]                 embeddings, similarities, zero-shot labels
     lepton kernels                             every op, its implementations, usable here or why not
+    lepton kernels --compile [--check]         compile every Triton kernel for sm_80/sm_90, no GPU needed
 
 Flags follow ``vllm serve`` / ``vllm bench serve`` where the meaning is the same. Bad input (a
 missing model folder, a bad flag value, an unreachable server) ends with one line on stderr and
@@ -32,7 +33,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+KERNELS_HELP = "list every op, its implementations and whether they run here"
+COMPILE_ONLY = ("arch", "dtype", "case", "quick", "json", "check", "jobs", "list")
+
+
+def _add_kernels(sub, wanted: bool) -> None:
+    """The compile report's flags come from lepton_kernels (which imports torch), so they are
+    added only when ``kernels`` runs; ``lepton kernels`` alone imports no triton."""
+    kernels = sub.add_parser("kernels", help=KERNELS_HELP, description=KERNELS_HELP + "; with "
+                             "--compile, the compile report of every Triton kernel (no GPU needed).")
+    kernels.set_defaults(func=_cmd_kernels)
+    if not wanted:
+        return
+    from lepton_kernels.compile import add_arguments
+
+    kernels.add_argument("--compile", action="store_true",
+                         help="compile every Triton kernel configuration for --arch targets and "
+                              "report registers, spills, shared memory, tensor-core instructions")
+    add_arguments(kernels)
+
+
 def _cmd_kernels(args: argparse.Namespace) -> int:
+    if getattr(args, "compile", False):
+        from lepton_kernels.compile import run_command
+
+        return run_command(args)
+    defaults = build_parser(["kernels"]).parse_args(["kernels"])
+    misplaced = [f"--{name}" for name in COMPILE_ONLY if getattr(args, name, None) != getattr(defaults, name)]
+    if misplaced:
+        raise CLIError(f"{', '.join(misplaced)} only apply to the compile report: add --compile")
     import lepton_kernels
 
     sys.stdout.write(lepton_kernels.describe())
@@ -89,8 +118,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     demo.add_argument("--model", default=None, help="model folder or hub id (default: all-MiniLM-L6-v2)")
     demo.set_defaults(func=_cmd_demo)
 
-    kernels = sub.add_parser("kernels", help="list every op, its implementations and whether they run here")
-    kernels.set_defaults(func=_cmd_kernels)
+    _add_kernels(sub, _command_of(argv or []) == "kernels")
     return parser
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from lepton_kernels.compile.cli import main
+
+sys.exit(main())
