@@ -60,9 +60,8 @@ class InProcessExecutor(Executor):
         self.config = config
         self.device = config.device
         self.dtype = dtype
-        self.model = load_model(model_path, hf_config, dtype, self.device)
-        if config.quantization is not None:
-            setup.quantize_model(self.model, config.quantization)
+        # Quantized while loading, layer by layer: peak memory is about the packed weights.
+        self.model = load_model(model_path, hf_config, dtype, self.device, quantization=config.quantization)
         if self.device.type == "cpu" and dtype == torch.float32:
             prepack_model(self.model)   # oneDNN weight layouts for the CPU matmuls
         self.runner = ModelRunner(self.model, self.device, config.kernels, seed=config.seed)

@@ -2,12 +2,15 @@
 
     path = resolve_model_path("org/name" or "/path/to/folder")
     hf_config = read_config(path)
-    model = load_model(path, hf_config, dtype, device)
+    model = load_model(path, hf_config, dtype, device, quantization=None | "int8" | "int4")
 
 Weights come from safetensors only: ``model.safetensors``, or the shards listed in
 ``model.safetensors.index.json``, memory-mapped with ``safe_open`` and handed tensor by tensor to
 the model, which copies (and so casts) each into its parameter on the target device: host memory
 beyond the model itself peaks near one shard's mapped pages.
+With ``quantization``, each Linear is quantized the moment its last checkpoint tensor has been
+copied in, and its float storage freed: the float model never exists whole, so host memory peaks
+near the packed model plus one layer's float weight (plus the shard's mapped pages).
 Pickle checkpoints (*.bin, *.pt, ...) are refused: unpickling runs arbitrary code. Nothing from
 the checkpoint is ever executed (no remote code).
 """
@@ -25,6 +28,7 @@ from typing import Iterator
 import torch
 
 from lepton.model_executor import models
+from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
 
 logger = logging.getLogger(__name__)
 
@@ -152,13 +156,54 @@ def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | N
                     time.perf_counter() - start)
 
 
-def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.device) -> torch.nn.Module:
-    """Build the architecture's model on ``device`` and fill it from the checkpoint."""
+def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.device,
+               quantization: str | None = None) -> torch.nn.Module:
+    """Build the architecture's model on ``device`` and fill it from the checkpoint; with
+    ``quantization`` ("int8" / "int4") its Linear layers are quantized while loading, and the LM
+    head once loaded (see layers.linear.quantize_lm_head)."""
     cls = models.get_model_class(hf_config["architectures"][0])
     files = safetensors_files(path)
     model = cls.from_config(hf_config, dtype, device)
+    plan = quantization_plan(model, quantization) if quantization is not None else []
     # Tensors arrive in the checkpoint's dtype; load_weights copies each into its parameter, and
     # copy_ casts on the way: one read and one write per weight (casting first doubles the load time).
-    model.load_weights(iter_weights(files, device))
+    weights = iter_weights(files, device)
+    if plan:
+        weights = quantize_as_loaded(model, weights, plan)
+    model.load_weights(weights)
     model.check_loaded()
+    for _, layer, bits, group in plan:   # layers the stream could not follow (no weight map)
+        if layer.qweight is None:
+            layer.quantize(bits, group)
+    if quantization is not None:
+        quantize_lm_head(model, quantization)
     return model.eval()
+
+
+def quantize_as_loaded(model: torch.nn.Module, weights: Iterator[tuple[str, torch.Tensor]],
+                       plan: list[tuple[str, Linear, int, int | None]]
+                       ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Pass ``weights`` through to ``model.load_weights``, quantizing each planned Linear as soon
+    as every checkpoint name that targets its weight (q, k and v for a fused qkv) is loaded.
+
+    The model copies a tensor in before it asks for the next one, so when this generator resumes
+    the model's weight map (``weight_map.targets`` / ``.loaded``) already counts the last tensor.
+    Models without a weight map get no streaming; load_model quantizes their layers afterwards."""
+    weight_map = getattr(model, "weight_map", None)
+    waiting: dict[str, tuple[Linear, int, int | None, set[str]]] = {}   # checkpoint key -> layer
+    if weight_map is not None:
+        for _, layer, bits, group in plan:
+            keys = {key for key, target in weight_map.targets.items() if target.param is layer.weight}
+            for key in keys:
+                waiting[key] = (layer, bits, group, keys)
+    seen: set[str] = set()
+    for item in weights:
+        yield item
+        if not waiting or len(weight_map.loaded) == len(seen):
+            continue
+        fresh = weight_map.loaded - seen
+        seen |= fresh
+        for key in fresh:
+            entry = waiting.pop(key, None)
+            if entry is not None and entry[0].qweight is None and entry[3] <= weight_map.loaded:
+                entry[0].quantize(entry[1], entry[2])

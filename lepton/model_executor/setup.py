@@ -11,7 +11,7 @@ import torch
 
 from lepton.config import EngineConfig, model_max_len, resolve_dtype
 from lepton.model_executor.kv_cache import KVCache, blocks_needed, cpu_cache_bytes, gpu_cache_bytes
-from lepton.model_executor.layers.linear import Linear
+from lepton.model_executor.layers.linear import quantization_plan, quantize_lm_head
 from lepton.model_executor.pooling import Pooler
 from lepton.engine.sampler import sample_batch
 from lepton.engine.sampling_metadata import SamplingMetadata
@@ -117,16 +117,10 @@ def eos_token_ids(path: Path, hf_config: dict, tokenizer) -> set[int]:
 
 
 def quantize_model(model: torch.nn.Module, method: str) -> None:
-    """Weight-only int8 (per channel) or int4 (groups of 128, 64 or 32) of every Linear layer."""
-    bits = {"int8": 8, "int4": 4}[method]
-    linears = [(name, m) for name, m in model.named_modules() if isinstance(m, Linear)]
-    if not linears:
-        raise ValueError(f"quantization={method!r}: {type(model).__name__} has no quantizable linear layers")
-    for name, layer in linears:
-        group = None
-        if bits == 4:
-            group = next((g for g in (128, 64, 32) if layer.in_features % g == 0), None)
-            if group is None:
-                raise ValueError(f"quantization='int4': layer {name} has {layer.in_features} inputs, "
-                                 "not a multiple of 32")
-        layer.quantize(bits, group)
+    """Weight-only int8 (per channel) or int4 (groups of 128, 64 or 32) of every Linear layer and
+    of a decoder's LM head, where not done yet (``load_model(..., quantization=method)`` already
+    quantized them while loading)."""
+    for _, layer, bits, group in quantization_plan(model, method):
+        if layer.qweight is None:
+            layer.quantize(bits, group)
+    quantize_lm_head(model, method)

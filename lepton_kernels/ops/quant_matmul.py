@@ -5,7 +5,11 @@
 x has the weight's original dtype (qw.dtype). The eager spec dequantizes and calls F.linear in
 x's dtype; the Triton kernels never materialize the weight: they dequantize tiles in registers
 (exactly as :func:`~lepton_kernels.ops.quantize.dequantize` does, rounded to x's dtype) and
-accumulate in float32, a GEMV-shaped kernel for decode (M <= 16) and tensor-core tiles above.
+accumulate in float32 in one tensor-core kernel: M padded to 16 with split-K reduced inside the
+kernel for decode (M <= 16), grouped tiles above.
+The ``cpu`` implementation (lepton_kernels/cpu_kernels/quant_matmul.py) does the same on CPU
+tensors with a C kernel; its layout lives in ``qw.prepared["cpu"]``, built by
+:func:`prepare_quantized` at load time or on the first call.
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..registry import SampleInput, register_op
-from ._backends import register_triton
+from ..registry import SampleInput, register_impl, register_op
+from ._backends import register_triton, triton_available
 from ._checks import check_same, check_same_device, check_tensor, randn
 from .quantize import _check_qweight, _weights, dequantize, quantize
 
@@ -43,7 +47,7 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(1)
     samples = []
     weights = _weights(device, dtype)
-    # M 1 and 7 take the decode (GEMV) kernel, 33 the tiled one.
+    # M 1 and 7 take the decode (split-K) path, 33 the tiled one.
     for (name, w, bits, group), m in zip(weights, (1, 7, 33)):
         qw = quantize(w, bits, group)
         x = randn(m, w.shape[1], device=device, dtype=dtype, generator=g)
@@ -53,5 +57,34 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
+def _cpu_available() -> str | None:
+    from ..cpu_kernels import quant_matmul as cpu
+
+    return cpu.available()
+
+
+def _cpu_supports(*args, **kwargs):
+    from ..cpu_kernels import quant_matmul as cpu
+
+    return cpu.supports(*args, **kwargs)
+
+
+def prepare_quantized(qw) -> None:
+    """Build, once, the layout the implementation for qw's device reads (``qw.prepared``), so
+    the first forward does not pay for it. A no-op where no implementation needs one."""
+    _check_qweight("qw", qw)
+    if qw.qweight.device.type == "cpu" and _cpu_available() is None:
+        from ..cpu_kernels import quant_matmul as cpu
+
+        cpu.prepare(qw)
+    elif qw.qweight.device.type == "cuda" and triton_available() is None:
+        from ..triton_kernels.quant_matmul import prepare
+
+        prepare(qw)
+
+
 register_op("quant_matmul", quant_matmul, sample_inputs=sample_inputs)
 register_triton("quant_matmul", "quant_matmul:quant_matmul")
+register_impl("quant_matmul", "cpu", "lepton_kernels.cpu_kernels.quant_matmul:quant_matmul",
+              device_types=["cpu"], dtypes=(torch.float32, torch.float16, torch.bfloat16),
+              available=_cpu_available, supports=_cpu_supports)

@@ -1,6 +1,6 @@
 """oneDNN-prepacked CPU matmuls: the same function as x W^T + b, checked in float64, and the
 engine's CPU float32 models use them end to end (their outputs are compared with transformers in
-test_generate.py / test_engine_api.py)."""
+test_generate.py / test_engine_api.py); a quantized model quantizes its LM head instead."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from lepton.engine.engine import Engine
-from lepton.model_executor.layers.linear import Linear, PackedWeight, onednn_available
+import lepton_kernels
+from lepton.model_executor.layers import linear
+from lepton.model_executor.layers.linear import Linear, PackedWeight, QuantizedHead, onednn_available
 from tests.engine import checkpoint
 
 pytestmark = pytest.mark.skipif(not onednn_available(), reason="this torch build has no oneDNN")
@@ -72,3 +74,26 @@ def _prefill_meta(ids):
     from lepton.model_executor.layers.attention import AttentionMetadata
 
     return AttentionMetadata.for_prefill([len(i) for i in ids])
+
+
+@pytest.mark.parametrize("arch,tied", [("llama", False), ("gpt2", True)])
+def test_quantized_engine_quantizes_the_head_instead_of_packing_it(tmp_path_factory, arch, tied):
+    model = Engine(checkpoint(tmp_path_factory, arch), device="cpu", quantization="int8").model
+    head = model.lm_head_packed
+    assert isinstance(head, QuantizedHead) and head.qweight.bits == 8 and "cpu" in head.qweight.prepared
+    assert (model.lm_head is not None) == tied       # a tied head is still the embedding table
+    assert all(m.packed is None and m.qweight is not None for m in model.modules() if isinstance(m, Linear))
+    hidden = torch.randn(3, head.in_features, generator=torch.Generator().manual_seed(0))
+    ref = hidden.double() @ lepton_kernels.dequantize(head.qweight).double().T
+    torch.testing.assert_close(model.compute_logits(hidden).double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,group", [(8, None), (4, 32), (4, 128)])
+def test_quantizing_by_rows_equals_quantizing_whole(monkeypatch, bits, group):
+    monkeypatch.setattr(linear, "QUANTIZE_ROWS", 16)
+    w = torch.randn(37, 256, generator=torch.Generator().manual_seed(bits)) * 0.05
+    chunked, whole = linear.quantize_by_rows(w, bits, group), lepton_kernels.quantize(w, bits, group)
+    assert chunked.shape == whole.shape and chunked.group_size == whole.group_size
+    for field in ("qweight", "scales", "zeros"):
+        a, b = getattr(chunked, field), getattr(whole, field)
+        assert (a is None and b is None) or torch.equal(a, b)

@@ -2,9 +2,10 @@
 
 A fused layer stacks several HF projections along the output dim (q|k|v, gate|up) so one
 matmul serves them all; ``output_sizes`` gives the parts and ``part_rows(i)`` the rows of one
-(where the weight map loads that HF tensor). After loading, ``quantize(bits, group_size)`` swaps
-the weight for lepton_kernels' packed int8/int4 form and the forward becomes
-lepton_kernels.quant_matmul.
+(where the weight map loads that HF tensor). ``quantize(bits, group_size)`` swaps the weight for
+lepton_kernels' packed int8/int4 form (and builds the layout the device's kernel reads) and the
+forward becomes lepton_kernels.quant_matmul; the loader calls it as soon as a layer's last
+checkpoint tensor is in (see :func:`quantization_plan`), so the float model never exists whole.
 
 On a CPU in float32, ``prepack()`` reorders the weight once into oneDNN's blocked layout
 (:class:`PackedWeight`): MKL's sgemm otherwise repacks the whole weight on every call, which
@@ -19,6 +20,27 @@ import torch.nn.functional as F
 from torch import nn
 
 import lepton_kernels as lk
+from lepton_kernels.ops.quant_matmul import prepare_quantized
+from lepton_kernels.ops.quantize import QuantizedWeight
+
+QUANTIZATION_BITS = {"int8": 8, "int4": 4}
+
+
+# Rows quantized at a time: quantize's int4 clipping search holds several float32 temporaries the
+# size of its input, so a whole 11264x2048 weight would add ~0.7 GB to the peak while loading.
+QUANTIZE_ROWS = 1024
+
+
+def quantize_by_rows(weight: torch.Tensor, bits: int, group_size: int | None) -> QuantizedWeight:
+    """lk.quantize(weight, bits, group_size), QUANTIZE_ROWS rows at a time: every scale, zero
+    point and packed word depends on its own row only, so the result is the same."""
+    if weight.shape[0] <= QUANTIZE_ROWS:
+        return lk.quantize(weight, bits=bits, group_size=group_size)
+    parts = [lk.quantize(weight[i:i + QUANTIZE_ROWS], bits=bits, group_size=group_size)
+             for i in range(0, weight.shape[0], QUANTIZE_ROWS)]
+    zeros = None if bits == 8 else torch.cat([p.zeros for p in parts])
+    return QuantizedWeight(torch.cat([p.qweight for p in parts]), torch.cat([p.scales for p in parts]), zeros,
+                           bits, parts[0].group_size, tuple(weight.shape), weight.dtype)
 
 
 def onednn_available() -> bool:
@@ -90,8 +112,13 @@ class Linear(nn.Module):
 
     def quantize(self, bits: int = 8, group_size: int | None = None) -> None:
         """Replace the float weight by its weight-only quantized form (the bias stays float)."""
-        self.qweight = lk.quantize(self.weight.data, bits=bits, group_size=group_size)
+        weight = self.weight
+        self.qweight = quantize_by_rows(weight.data, bits, group_size)
+        prepare_quantized(self.qweight)
         self.weight = None
+        # A model's weight map still holds the Parameter: empty it, so the float storage is freed
+        # now rather than when the map goes (a later load into it fails on the shape).
+        weight.data = weight.data.new_empty(0)
 
     def prepack(self) -> bool:
         """Move a float32 CPU weight into oneDNN's layout (see the module doc); False if it stays."""
@@ -115,6 +142,64 @@ class Linear(nn.Module):
         return f"in={self.in_features}, out={self.output_sizes}, bias={self.bias is not None}{quant}"
 
 
+class QuantizedHead:
+    """An LM head weight-only quantized like the Linear layers, in the model's ``lm_head_packed``
+    slot (compute_logits calls it): on a small model the head is the largest matmul, e.g. a
+    32000x512 float32 head is 65 MB read per decoded token, more than all its layers together."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int | None):
+        self.out_features, self.in_features = weight.shape
+        self.qweight = quantize_by_rows(weight, bits, group_size)
+        prepare_quantized(self.qweight)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        return lk.quant_matmul(hidden, self.qweight)
+
+
+def int4_group(in_features: int) -> int | None:
+    """The largest int4 group size (128, 64, 32) that divides ``in_features``, else None."""
+    return next((g for g in (128, 64, 32) if in_features % g == 0), None)
+
+
+def quantize_lm_head(model: nn.Module, method: str) -> bool:
+    """Quantize a decoder's ``model.lm_head`` into ``model.lm_head_packed`` (a tied head keeps the
+    float tensor, which the embedding lookup reads; an untied one is freed). False when there is
+    no head, it is already replaced, or int4 groups do not divide its inputs (it stays float)."""
+    head = getattr(model, "lm_head", None)
+    if not isinstance(head, torch.Tensor) or getattr(model, "lm_head_packed", None) is not None:
+        return False
+    bits = QUANTIZATION_BITS[method]
+    group = int4_group(head.shape[1]) if bits == 4 else None
+    if bits == 4 and group is None:
+        return False
+    model.lm_head_packed = QuantizedHead(head.data, bits, group)
+    if not getattr(model, "tie_word_embeddings", False):
+        model.lm_head = None
+        head.data = head.data.new_empty(0)   # the weight map may still hold the Parameter
+    return True
+
+
+def quantization_plan(model: nn.Module, method: str) -> list[tuple[str, Linear, int, int | None]]:
+    """(name, layer, bits, group_size) for every Linear of ``model`` under ``quantization=method``:
+    int8 per output channel; int4 in groups of 128, else 64, else 32 (the largest that divides
+    the layer's inputs). Raises ValueError before anything is loaded when a layer cannot be."""
+    bits = QUANTIZATION_BITS[method]
+    plan = []
+    for name, layer in model.named_modules():
+        if not isinstance(layer, Linear):
+            continue
+        group = None
+        if bits == 4:
+            group = int4_group(layer.in_features)
+            if group is None:
+                raise ValueError(f"quantization='int4': layer {name} has {layer.in_features} inputs, "
+                                 "not a multiple of 32")
+        plan.append((name, layer, bits, group))
+    if not plan:
+        raise ValueError(f"quantization={method!r}: {type(model).__name__} has no quantizable linear layers")
+    return plan
+
+
 def prepack_linears(model: nn.Module) -> int:
     """prepack() every float32 CPU Linear of ``model``; returns how many were packed."""
     return sum(module.prepack() for module in model.modules() if isinstance(module, Linear))
@@ -133,7 +218,7 @@ def prepack_model(model: nn.Module) -> int:
     count = prepack_linears(model)
     head = getattr(model, "lm_head", None)
     if (isinstance(head, torch.Tensor) and head.device.type == "cpu" and head.dtype == torch.float32
-            and onednn_available()):
+            and onednn_available() and getattr(model, "lm_head_packed", None) is None):
         model.lm_head_packed = PackedWeight(head.data)
         if not getattr(model, "tie_word_embeddings", False):
             model.lm_head = None

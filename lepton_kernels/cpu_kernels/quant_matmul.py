@@ -1,0 +1,135 @@
+"""CPU quant_matmul: y[M, N] = x[M, K] @ dequantize(qw).T (+ bias) on the packed weight.
+
+Why not PyTorch's own kernels: ``aten._weight_int8pack_mm`` and ``_weight_int4pack_mm_for_cpu``
+are vectorized for bfloat16 inputs only. On float32 and float16 they run a scalar loop, 4-20x
+slower than a float32 matmul here; bfloat16 would need x and the scales rounded to bfloat16
+(a 2^-9 relative error, far from the eager spec), and the int4 one needs N % 16 == 0. Their int4
+convention maps from ours as
+    w = (q - 8) * scale + offset,  offset = (8 - zero) * scale,  scales_and_zeros [K/g, N, 2]
+(tests/kernels/test_quant_matmul_cpu.py checks it), but they stay unused for those reasons. So the math runs in quant_gemm.c:
+
+* M <= DEQUANT_ROWS (decode, batched decode): a tiled kernel that dequantizes weight vectors in registers and
+  accumulates x @ W'^T in float32 (int4: ``(q - zero) * scale`` exactly like ``dequantize``;
+  int8: ``scale * sum(x * q)``, the row's scale applied once to its sum). It streams 1 (int8)
+  or 1/2 (int4) byte per weight instead of 4.
+* M > DEQUANT_ROWS (large prefills): the compute dominates, so the weight is dequantized
+  (in C, in parallel) into a float32 scratch and multiplied by MKL's sgemm.
+
+Rounding: every path is a float32 matmul of the same dequantized weights, up to where the int8
+scale is applied and the order of the sums, so it differs from the float32 eager spec by float32
+rounding only (|error| <= ~K * 2^-24 * sum|x w|, like any float32 matmul).
+float16 / bfloat16 inputs are computed in float32 (weights never rounded to the input dtype) and
+rounded once at the end, so they are at least as close to the exact product as the eager spec,
+which rounds W' to the input dtype first. No autograd: a call that needs gradients goes to eager.
+
+Layout (``qw.prepared["cpu"]``, built once by :func:`prepare`): int8 reads the canonical int8
+rows; int4 reads the canonical int32 words as bytes (byte b of a row: input 2b low nibble, 2b+1
+high nibble); the kernel reorders x's columns per block of 32 to evens-then-odds to match, an
+[M, K] scratch per call instead of a repacked copy of the weight. zeros become float32.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.quant_matmul import _check
+from . import _build
+
+# Above this many rows, dequantize + sgemm. Measured on one AVX-512 core (us, int8 tiled / int8
+# dequantize+sgemm / float32 prepacked): 2752x512 at 16 rows 694 / 813 / 426, at 64 rows
+# 3127 / 2690 / 1897; a 32000x512 LM head at 64 rows 33370 / 76848 / 21372 (sgemm repacks the
+# whole scratch weight on every call). So tiles up to 64 rows; only large prefills dequantize.
+DEQUANT_ROWS = 64
+SOURCE = "quant_gemm.c"
+_PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
+_SIGNATURES = {
+    "lk_quant_gemm_int8": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],
+    "lk_quant_gemm_int4": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64],   # -> int
+    "lk_dequantize_int8": [_PTR, _PTR, _I64, _I64, _PTR],
+    "lk_dequantize_int4": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR],
+}
+
+
+def _library() -> tuple[ctypes.CDLL | None, str | None]:
+    lib, why = _build.load(SOURCE)
+    if lib is not None and lib.lk_quant_gemm_int8.argtypes is None:
+        for name, argtypes in _SIGNATURES.items():
+            getattr(lib, name).argtypes = argtypes
+            getattr(lib, name).restype = ctypes.c_int if name == "lk_quant_gemm_int4" else None
+    return lib, why
+
+
+def available() -> str | None:
+    """None when the kernels are built (compiling them on first call), else why not."""
+    if sys.byteorder != "little":
+        return "the int4 kernel reads packed int32 words as little-endian bytes"
+    return _library()[1]
+
+
+def supports(x, qw, bias=None) -> bool | str:
+    if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
+        return "x requires grad and the cpu kernel has no backward"
+    return True
+
+
+@dataclass(frozen=True)
+class CpuLayout:
+    """What the kernels read: contiguous CPU tensors (views of qw's own where possible)."""
+
+    weight: torch.Tensor          # int8 [N, K], or uint8 [N, K/2]: the int4 words as bytes
+    scales: torch.Tensor          # float32 [N] or [N, K/group_size]
+    zeros: torch.Tensor | None    # None, or float32 [N, K/group_size]
+
+
+def prepare(qw) -> CpuLayout:
+    """Build (once) and return ``qw.prepared["cpu"]``; qw must live on the CPU."""
+    layout = qw.prepared.get("cpu")
+    if layout is not None:
+        return layout
+    if qw.qweight.device.type != "cpu":
+        raise ValueError(f"qw is on {qw.qweight.device}; the cpu layout needs a CPU weight")
+    weight = qw.qweight.contiguous()
+    if qw.bits == 4:
+        layout = CpuLayout(weight.view(torch.uint8), qw.scales.contiguous(), qw.zeros.float().contiguous())
+    else:
+        layout = CpuLayout(weight, qw.scales.contiguous(), None)
+    qw.prepared["cpu"] = layout
+    return layout
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x[M, K] (float32/16, bfloat16, CPU), qw quantized [N, K], bias[N] -> y[M, N] in x's dtype."""
+    _check(x, qw, bias)
+    lib, why = _library()
+    if lib is None:
+        raise RuntimeError(f"quant_matmul cpu kernels unavailable: {why}")
+    layout = prepare(qw)
+    m, (n, k) = x.shape[0], qw.shape
+    xf = x.to(torch.float32).contiguous()
+    bf = None if bias is None else bias.to(torch.float32).contiguous()
+    if m > DEQUANT_ROWS:
+        w = torch.empty(n, k, dtype=torch.float32)
+        if qw.bits == 8:
+            lib.lk_dequantize_int8(_ptr(layout.weight), _ptr(layout.scales), n, k, _ptr(w))
+        else:
+            lib.lk_dequantize_int4(_ptr(layout.weight), _ptr(layout.scales), _ptr(layout.zeros),
+                                   qw.group_size, n, k, _ptr(w))
+        y = F.linear(xf, w, bf)
+    else:
+        y = torch.empty(m, n, dtype=torch.float32)
+        if qw.bits == 8:
+            lib.lk_quant_gemm_int8(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales), _ptr(bf),
+                                   _ptr(y), n)
+        elif lib.lk_quant_gemm_int4(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
+                                    _ptr(layout.zeros), qw.group_size, _ptr(bf), _ptr(y), n):
+            raise MemoryError(f"quant_matmul: no memory for a {m}x{k} float32 scratch")
+    return y if x.dtype == torch.float32 else y.to(x.dtype)
