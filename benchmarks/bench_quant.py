@@ -5,8 +5,8 @@ float32 vs int8 vs int4, side by side in one run.
     python benchmarks/bench_quant.py --model tinyllama8 # TinyLlama's shape cut to 8 layers (~0.5B)
     python benchmarks/bench_quant.py --model both --repeats 5 --json out.json
 
-Every (model, dtype) runs in its own process, so its peak RSS (getrusage ru_maxrss: load, then
-the runs; it includes the checkpoint shard's pages mapped while loading) is its own. Checkpoints
+Every (model, dtype) runs in its own process, so its peak RSS (VmHWM: load, then the runs; it
+includes the checkpoint shard's pages mapped while loading) is its own. Checkpoints
 hold random weights (std 0.02) in float32 safetensors shards of about 256 MB. Single stream:
 batch 1, 32-token prompt, 128 new tokens (greedy, eos ignored), decode tok/s = 127 / (last token
 - first token), median of --repeats after a warm-up. Batched: 32 prompts of 16..128 tokens, 32..96
@@ -89,13 +89,9 @@ def peak_rss_mb() -> float:
 def measure(folder: Path, dtype: str, repeats: int, batched: bool) -> dict:
     """One (model, dtype) in this process: load, single-stream decode, batched throughput."""
     from lepton.engine.engine import Engine
-    from lepton.model_executor import executor, loader
     from lepton.sampling_params import SamplingParams
 
-    quantization = None if dtype == "float32" else dtype
-    # The executor loads float weights and quantizes afterwards unless it hands quantization to
-    # load_model; pass it here so the figures show quantize-while-loading.
-    executor.load_model = lambda *a, **k: loader.load_model(*a, **{"quantization": quantization, **k})
+    quantization = None if dtype == "float32" else dtype   # quantized while loading (the executor)
     start = time.perf_counter()
     engine = Engine(folder, device="cpu", dtype="float32", quantization=quantization, max_model_len=1024,
                     max_num_seqs=32, kv_cache_memory=128 << 20)
