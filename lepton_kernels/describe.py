@@ -49,8 +49,17 @@ def rows() -> list[tuple[str, str, str, str]]:
     return table
 
 
+def selection_order(name: str) -> dict[str, list[str]]:
+    """Device type -> implementation names in the order automatic selection tries them (as
+    declared by the op's priorities; eager last), for cpu, cuda and any device type declared."""
+    op = registry.get_op(name)
+    devices = ["cpu", "cuda"] + sorted({d for i in op.impls for d in i.device_types} - {"cpu", "cuda"})
+    return {device: op.priority_order(device) for device in devices}
+
+
 def describe() -> str:
-    """A plain-text table: op x implementation x usable here x why not."""
+    """A plain-text table (op x implementation x usable here x why not), then the selection
+    order per op and device type."""
     header = ("op", "impl", "usable here", "why not / notes")
     table = [header, *rows()]
     widths = [max(len(r[i]) for r in table) for i in range(3)]
@@ -59,6 +68,11 @@ def describe() -> str:
         lines.append("  ".join(cell.ljust(w) for cell, w in zip(row[:3], widths)) + "  " + row[3])
         if i == 0:
             lines.append("  ".join("-" * w for w in widths) + "  " + "-" * len(header[3]))
+    lines.append("")
+    lines.append("selection order (automatic: the first that is usable and supports the inputs runs)")
+    for name in registry.list_ops():
+        orders = ";  ".join(f"{device}: {' > '.join(order)}" for device, order in selection_order(name).items())
+        lines.append(f"{name.ljust(widths[0])}  {orders}")
     from .ext import ext_summary  # the package imports describe before ext
 
     lines.append(ext_summary())

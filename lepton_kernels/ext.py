@@ -1,48 +1,26 @@
-"""The native extension ``lepton_kernels._C``: the ``ext`` implementation of the KV-cache copies.
+"""The native extension ``lepton_kernels._C``: its build info and the wrappers its ``ext``
+implementations call.
 
 ``_C`` (csrc/: pybind11, no torch headers) moves the bytes of ``reshape_and_cache`` and
 ``copy_blocks``: a C++ path for cpu tensors, and CUDA kernels when it was built with nvcc. It also
-holds the cpu sampler that lepton_kernels/ops/sample_from_probs.py registers (via native_module()).
-Tensors cross the boundary as DLPack capsules, so one build serves every torch version.
-This module loads it (optional: ``LEPTON_NO_EXT=1`` skips it at build time and at run time),
-reports what was built (:func:`ext_info`), validates arguments before handing them over (``_C``
-validates again, and range-checks every index of cpu tensors before it writes), wraps the calls as
-``torch.library`` custom ops so ``torch.compile`` can trace through them, and registers them.
+holds the cpu sampler of ops/sample_from_probs.py. Tensors cross the boundary as DLPack capsules,
+so one build serves every torch version. It is optional: ``LEPTON_NO_EXT=1`` skips it at build
+time and at run time (lepton_kernels/backends.py loads it). The wrappers below validate arguments
+before handing them over (``_C`` validates again, and range-checks every index of cpu tensors
+before it writes) and are ``torch.library`` custom ops under torch.compile. The op files
+(ops/reshape_and_cache.py, ops/copy_blocks.py) register them.
 """
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch.utils.dlpack import to_dlpack
 
-from .ops._checks import check_same_device, check_tensor
-from .ops.reshape_and_cache import _check as _check_reshape_and_cache
-from .registry import register_impl
+from .backends import native_module, native_why_not
+from .checks import check_same_device, check_tensor
+from .ops.reshape_and_cache import check_args as check_reshape_and_cache
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16) + (
-    (torch.float8_e4m3fn,) if hasattr(torch, "float8_e4m3fn") else ())
-
-
-def _load():
-    if os.environ.get("LEPTON_NO_EXT") == "1":
-        return None, "disabled by LEPTON_NO_EXT=1"
-    try:
-        from . import _C
-    except ImportError as err:
-        return None, (f"lepton_kernels._C is not built ({err}); it builds on install when a C++17 "
-                      "compiler is present and LEPTON_NO_EXT is not 1")
-    return _C, None
-
-
-_C, _WHY_NOT = _load()
-
-
-def native_module():
-    """The loaded ``lepton_kernels._C`` module, for the ops whose ``ext`` implementation calls it
-    (check :func:`ext_info` first: None when it is not built)."""
-    return _C
+_C = native_module()
 
 
 def ext_info() -> dict:
@@ -53,7 +31,7 @@ def ext_info() -> dict:
     PTX), ``cuda_version`` (nvcc's), ``cuda_why_not`` (why no CUDA kernels were built, else None).
     """
     if _C is None:
-        return {"built": False, "why_not": _WHY_NOT, "cuda": False, "cuda_archs": [],
+        return {"built": False, "why_not": native_why_not(), "cuda": False, "cuda_archs": [],
                 "cuda_version": None, "cuda_why_not": "the extension is not built"}
     info = _C.build_info()
     return {"built": True, "why_not": None, "cuda": bool(info["cuda"]),
@@ -70,10 +48,6 @@ def ext_summary() -> str:
         return f"native extension lepton_kernels._C: built, cpu only ({info['cuda_why_not']})"
     return (f"native extension lepton_kernels._C: built, cpu + CUDA {info['cuda_version']} "
             f"({', '.join(info['cuda_archs'])})")
-
-
-def _available() -> str | None:
-    return _WHY_NOT
 
 
 def _stream(t: torch.Tensor) -> int:
@@ -103,7 +77,7 @@ def _check_copy_blocks(k_caches, v_caches, block_mapping: torch.Tensor) -> None:
 
 
 def _reshape_and_cache(k, v, k_cache, v_cache, slot_mapping) -> None:
-    _check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+    check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
     _C.reshape_and_cache(to_dlpack(k), to_dlpack(v), to_dlpack(k_cache), to_dlpack(v_cache),
                          to_dlpack(slot_mapping), _stream(k), torch.get_num_threads())
 
@@ -123,7 +97,7 @@ if _C is not None and hasattr(torch.library, "custom_op"):  # custom_op: torch >
 
     @_reshape_and_cache_op.register_fake
     def _(k, v, k_cache, v_cache, slot_mapping) -> None:
-        _check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
+        check_reshape_and_cache(k, v, k_cache, v_cache, slot_mapping)
 
     @torch.library.custom_op("lepton::copy_blocks", mutates_args=("k_caches", "v_caches"))
     def _copy_blocks_op(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
@@ -152,9 +126,3 @@ def copy_blocks(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
     if _copy_blocks_op is not None and torch.compiler.is_compiling():
         return _copy_blocks_op(list(k_caches), list(v_caches), block_mapping)
     _copy_blocks(k_caches, v_caches, block_mapping)
-
-
-_DEVICES = ["cpu", "cuda"] if _C is not None and _C.has_cuda() else ["cpu"]
-register_impl("reshape_and_cache", "ext", reshape_and_cache, device_types=_DEVICES, dtypes=DTYPES,
-              available=_available)
-register_impl("copy_blocks", "ext", copy_blocks, device_types=_DEVICES, dtypes=DTYPES, available=_available)

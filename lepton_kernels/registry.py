@@ -1,40 +1,51 @@
 """The kernel registry: one eager spec per op, accelerated implementations beside it.
 
-An op is a name, an eager PyTorch function (the spec, the oracle in tests, the fallback) and an
-ordered list of accelerated implementations (``triton``, ``ext``). Calling an op picks the first
-implementation whose device type, dtype, availability and ``supports(...)`` check hold for the
-inputs; eager is the last resort. Static conditions are resolved once per (device type, dtype)
-and cached, so a decode loop only pays a dict lookup plus the cheap shape checks.
+An op is a name, an eager PyTorch function (the spec, the oracle in tests, the fallback) and
+accelerated implementations (``triton``, ``ext``, ``cpu``), each declaring the device types and
+dtypes it runs on, a ``priority`` (per device type, optionally per (device type, dtype)), an
+availability check and optionally a per-call ``supports(...)`` check. A call runs the first
+implementation, in descending priority for the inputs' device type and dtype (ties: registration
+order), that is available and supports the inputs; eager is the last resort.
+
+The choice is made once per (op, device, dtype, override state) and cached as a plan, so a call
+costs a dict lookup, the ``supports`` checks that depend on shapes, and nothing else
+(benchmarks/test_registry_overhead.py measures it). :func:`clear_cache` forgets the plans
+(needed after TRITON_INTERPRET or an availability changes; overrides invalidate by themselves).
 
 Overrides, strongest first:
     1. ``with lepton_kernels.use(rms_norm="eager"): ...``    (scoped, per thread / asyncio task)
-    2. ``with lepton_kernels.registry.engine_kernels({...})`` (what ``Engine(kernels=...)`` uses)
+    2. ``with lepton_kernels.engine_kernels({...})``          (what ``Engine(kernels=...)`` uses)
     3. ``LEPTON_KERNELS="rms_norm=eager,paged_attention=triton"`` (``*=triton`` for every op)
 An explicit request that cannot run raises :class:`KernelUnavailableError`; automatic selection
-falls back quietly with a debug log line.
+falls back quietly with a debug log line. Plans live in :mod:`lepton_kernels.dispatch`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import contextvars
-import importlib
-import logging
-import os
+import functools
+import inspect
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Generic, Mapping, ParamSpec, Sequence, TypeVar, overload
 
 import torch
 
-logger = logging.getLogger(__name__)
+from . import overrides
+from .dispatch import (EAGER, Impl, KernelUnavailableError, Plan, build_plan, make_dispatcher,
+                       triton_interpret)
+from .overrides import ALL_OPS
 
-EAGER = "eager"
-ALL_OPS = "*"
+__all__ = ["ALL_OPS", "EAGER", "Impl", "KernelUnavailableError", "Op", "SampleInput", "clear_cache",
+           "current_overrides", "engine_kernels", "get_op", "list_ops", "register_impl", "register_op",
+           "triton_interpret", "unregister_op", "use"]
 
-
-class KernelUnavailableError(RuntimeError):
-    """An explicitly requested implementation cannot run on these inputs or on this machine."""
+P = ParamSpec("P")
+R = TypeVar("R")
+# Distinct (device, dtype, override state) keys an op keeps plans for before starting over.
+MAX_PLANS = 256
+_CPU = torch.device("cpu")
+_CURRENT = overrides.CURRENT
 
 
 @dataclass
@@ -46,76 +57,77 @@ class SampleInput:
     kwargs: dict = field(default_factory=dict)
 
 
-def triton_interpret() -> bool:
-    """True when Triton runs through its CPU interpreter (read at kernel decoration time)."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+class Op(functools.partial, Generic[P, R]):
+    """A registered op: calling it dispatches. It carries its spec's name, signature and
+    docstring (``inspect.signature(op)`` is the spec's); ``op.eager`` is the spec itself.
 
-
-@dataclass
-class Impl:
-    """An accelerated implementation of an op.
-
-    ``fn`` is a callable or a lazy ``"module:attr"`` reference, imported on first use so that
-    registering a triton kernel never imports triton. ``available()`` returns ``None`` when the
-    backing library is usable and a reason string otherwise. ``supports(*args, **kwargs)``
-    returns ``True`` for inputs it handles, else ``False`` or a string saying why not.
-    ``interpret_on_cpu`` marks Triton kernels: under ``TRITON_INTERPRET=1`` they may run on CPU
-    tensors, but only when asked for explicitly (the interpreter verifies, it is not fast).
+    It is a ``functools.partial`` of its dispatcher (see :func:`~lepton_kernels.dispatch.make_dispatcher`)
+    because a partial is called from C: a Python ``__call__`` would add more than a tenth of a
+    microsecond to every call.
     """
 
-    name: str
-    fn: Callable | str
-    device_types: frozenset[str]
-    dtypes: frozenset[torch.dtype] | None = None
-    available: Callable[[], str | None] = lambda: None
-    supports: Callable[..., Any] | None = None
-    interpret_on_cpu: bool = False
+    if TYPE_CHECKING:   # what editors and type checkers see; the call itself is the partial's
+        def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R: ...
 
-    def resolve(self) -> Callable:
-        if isinstance(self.fn, str):
-            module, _, attr = self.fn.partition(":")
-            self.fn = getattr(importlib.import_module(module), attr)
-        return self.fn
-
-    def why_not(self, device_type: str, dtype: torch.dtype | None, explicit: bool) -> str | None:
-        """Reason this implementation cannot run for (device_type, dtype), or None if it can."""
-        reason = self.available()
-        if reason is not None:
-            return reason
-        on_interpreter = self.interpret_on_cpu and device_type == "cpu" and triton_interpret()
-        if on_interpreter and not explicit:
-            return "TRITON_INTERPRET=1 makes it runnable on cpu, but only when asked for explicitly"
-        if device_type not in self.device_types and not on_interpreter:
-            hint = " (set TRITON_INTERPRET=1 to run it on cpu)" if self.interpret_on_cpu else ""
-            return f"runs on {'/'.join(sorted(self.device_types))}, not {device_type}{hint}"
-        if self.dtypes is not None and dtype is not None and dtype not in self.dtypes:
-            names = ", ".join(sorted(str(d).removeprefix("torch.") for d in self.dtypes))
-            return f"dtype {str(dtype).removeprefix('torch.')} not supported (supports {names})"
-        return None
-
-
-def _first_tensor(args: Sequence, kwargs: dict) -> torch.Tensor | None:
-    for value in (*args, *kwargs.values()):
-        if isinstance(value, torch.Tensor):
-            return value
-        if isinstance(value, (list, tuple)) and value and isinstance(value[0], torch.Tensor):
-            return value[0]
-    return None
-
-
-class Op:
-    """A registered op. Calling it dispatches; ``op.eager`` is the spec itself."""
-
-    def __init__(self, name: str, eager: Callable, sample_inputs: Callable | None,
-                 dispatch_tensor: Callable | None, doc: str | None):
+    def __new__(cls, name: str, eager: Callable[P, R], sample_inputs: Callable | None = None,
+                dispatch_arg: str | None = None, dispatch_tensor: Callable | None = None):
+        signature = inspect.signature(eager)
+        dispatch_arg = dispatch_arg or next(iter(signature.parameters))
+        plans: dict[tuple, Plan] = {}
+        dispatcher = make_dispatcher(eager, None if dispatch_tensor else dispatch_arg, plans,
+                                     lambda args, kwargs: self._plan(args, kwargs),
+                                     lambda: overrides.sync_env(_OPS))
+        self = super().__new__(cls, dispatcher)
+        functools.update_wrapper(self, eager)
+        self.__signature__ = signature
         self.name = name
         self.eager = eager
         self.sample_inputs = sample_inputs
         self.impls: list[Impl] = []
-        self._dispatch_tensor = dispatch_tensor or _first_tensor
-        self._auto: dict[tuple[str, torch.dtype | None], list[Impl]] = {}
-        self.__doc__ = doc or eager.__doc__
-        self.__name__ = name
+        self._plans = plans
+        self._dispatch_arg = dispatch_arg
+        self._dispatch_tensor = dispatch_tensor
+        self._pos = list(signature.parameters).index(dispatch_arg)
+        return self
+
+    def select(self, *args, **kwargs) -> str:
+        """Name of the implementation a call with these inputs would run."""
+        overrides.sync_env(_OPS)
+        return self._plan(args, kwargs).pick(args, kwargs)
+
+    def dispatch_key(self, *args, **kwargs) -> tuple[str, torch.dtype | None]:
+        """(device type, dtype) of the tensor a call with these inputs dispatches on."""
+        t = self._dispatch_value(args, kwargs)
+        return ("cpu", None) if t is None else (t.device.type, t.dtype)
+
+    def _dispatch_value(self, args: tuple, kwargs: dict) -> torch.Tensor | None:
+        value = args[self._pos] if len(args) > self._pos else kwargs.get(self._dispatch_arg)
+        if self._dispatch_tensor is not None:
+            value = self._dispatch_tensor(value)
+        if isinstance(value, (list, tuple)) and value:
+            value = value[0]
+        return value if isinstance(value, torch.Tensor) else None
+
+    def _plan(self, args: tuple, kwargs: dict) -> Plan:
+        t = self._dispatch_value(args, kwargs)
+        key = (_CPU, None) if t is None else (t.device, t.dtype)
+        key = (*key, _CURRENT.get())
+        plan = self._plans.get(key)
+        if plan is None:
+            forced = overrides.forced(self.name, self.impl_names(), key[2])
+            plan = build_plan(self, key[0].type, key[1], forced)
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def priority_order(self, device_type: str, dtype: torch.dtype | None = None) -> list[str]:
+        """Implementation names in the order automatic selection tries them on (device_type,
+        dtype), as declared (availability on this machine aside); eager is always last."""
+        declared = [i for i in self.impls if device_type in i.device_types
+                    and (dtype is None or i.dtypes is None or dtype in i.dtypes)]
+        declared.sort(key=lambda i: -i.rank(device_type, dtype))   # stable: ties keep order
+        return [i.name for i in declared] + [EAGER]
 
     def impl_names(self) -> list[str]:
         return [EAGER] + [impl.name for impl in self.impls]
@@ -130,60 +142,17 @@ class Op:
         raise ValueError(f"op {self.name!r} has no implementation {name!r}; "
                          f"valid: {', '.join(self.impl_names())}")
 
-    def _key(self, args: tuple, kwargs: dict) -> tuple[str, torch.dtype | None]:
-        t = self._dispatch_tensor(args, kwargs)
-        if t is None:
-            return ("cpu", None)
-        return (t.device.type, t.dtype)
+    def set_sample_inputs(self, fn: Callable[..., list[SampleInput]]) -> Callable[..., list[SampleInput]]:
+        """Decorator: ``fn(device, dtype)`` returns the :class:`SampleInput` list (odd sizes
+        included) that the generic tests and benchmarks iterate over."""
+        self.sample_inputs = fn
+        return fn
 
-    def _candidates(self, key: tuple[str, torch.dtype | None]) -> list[Impl]:
-        cands = self._auto.get(key)
-        if cands is None:
-            cands = []
-            for impl in self.impls:
-                reason = impl.why_not(key[0], key[1], explicit=False)
-                if reason is None:
-                    cands.append(impl)
-                else:
-                    logger.debug("%s: %s not used on %s/%s: %s", self.name, impl.name, *key, reason)
-            self._auto[key] = cands
-        return cands
+    def clear_cache(self) -> None:
+        self._plans.clear()
 
-    def select(self, *args, **kwargs) -> str:
-        """Name of the implementation a call with these inputs would run."""
-        impl = self._choose(args, kwargs)
-        return EAGER if impl is None else impl.name
-
-    def _choose(self, args: tuple, kwargs: dict) -> Impl | None:
-        key = self._key(args, kwargs)
-        forced = _forced_impl(self.name)
-        if forced is not None:
-            return self._explicit(forced, key, args, kwargs)
-        for impl in self._candidates(key):
-            ok = True if impl.supports is None else impl.supports(*args, **kwargs)
-            if ok is True:
-                return impl
-            logger.debug("%s: %s does not support these inputs: %s", self.name, impl.name, ok)
-        return None
-
-    def _explicit(self, name: str, key: tuple, args: tuple, kwargs: dict) -> Impl | None:
-        impl = self.get_impl(name)
-        if impl is None:
-            return None
-        reason = impl.why_not(key[0], key[1], explicit=True)
-        if reason is None and impl.supports is not None:
-            ok = impl.supports(*args, **kwargs)
-            reason = None if ok is True else (ok or "inputs not supported")
-        if reason is not None:
-            raise KernelUnavailableError(
-                f"{self.name}: implementation {name!r} was requested but cannot run: {reason}")
-        return impl
-
-    def __call__(self, *args, **kwargs):
-        impl = self._choose(args, kwargs)
-        if impl is None:
-            return self.eager(*args, **kwargs)
-        return impl.resolve()(*args, **kwargs)
+    def __reduce__(self):
+        return get_op, (self.name,)
 
     def __repr__(self) -> str:
         return f"<lepton_kernels op {self.name}: {', '.join(self.impl_names())}>"
@@ -191,40 +160,65 @@ class Op:
 
 _OPS: dict[str, Op] = {}
 _LOCK = threading.Lock()
-# Two scoped layers: use() beats the engine's kernels=, which beats the environment.
-_SCOPED: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("lepton_use", default={})
-_ENGINE: contextvars.ContextVar[dict[str, str]] = contextvars.ContextVar("lepton_engine", default={})
-_ENV_CACHE: tuple[str, dict[str, str]] = ("", {})
 
 
-def register_op(name: str, eager: Callable, *, sample_inputs: Callable | None = None,
-                dispatch_tensor: Callable | None = None, doc: str | None = None) -> Op:
-    """Register ``name`` with its eager spec. ``sample_inputs(device, dtype)`` returns a list of
-    :class:`SampleInput` (odd sizes included) that tests and benchmarks iterate over."""
-    with _LOCK:
-        if name in _OPS:
-            raise ValueError(f"op {name!r} is already registered")
-        op = Op(name, eager, sample_inputs, dispatch_tensor, doc)
-        _OPS[name] = op
-        return op
+@overload
+def register_op(eager: Callable[P, R], /) -> Op[P, R]: ...
+@overload
+def register_op(name: str, eager: Callable[P, R], /, *, sample_inputs: Callable | None = None,
+                dispatch_arg: str | None = None, dispatch_tensor: Callable | None = None) -> Op[P, R]: ...
+@overload
+def register_op(name: str | None = None, /, *, sample_inputs: Callable | None = None,
+                dispatch_arg: str | None = None,
+                dispatch_tensor: Callable | None = None) -> Callable[[Callable[P, R]], Op[P, R]]: ...
 
 
-def register_impl(op: str, name: str, fn: Callable | str, *, device_types: Sequence[str],
+def register_op(name=None, eager=None, /, *, sample_inputs=None, dispatch_arg=None, dispatch_tensor=None):
+    """Register an op from its eager spec; returns the :class:`Op` that dispatches it.
+
+        @register_op                      # named after the function
+        def rms_norm(x, weight, eps=1e-6, residual=None): ...
+
+    or ``@register_op("name", dispatch_arg="q")``, or ``register_op("name", eager_fn)``.
+    The dispatch tensor (whose device and dtype select the implementation) is the argument
+    ``dispatch_arg`` (default: the first parameter; a list's first element);
+    ``dispatch_tensor(value)`` derives it from that argument when it is not a tensor.
+    """
+    def add(op_name: str, fn: Callable) -> Op:
+        with _LOCK:
+            if op_name in _OPS:
+                raise ValueError(f"op {op_name!r} is already registered")
+            op = Op(op_name, fn, sample_inputs, dispatch_arg, dispatch_tensor)
+            _OPS[op_name] = op
+            return op
+
+    if callable(name):
+        return add(name.__name__, name)
+    if eager is not None:
+        return add(name, eager)
+    return lambda fn: add(name or fn.__name__, fn)
+
+
+def register_impl(op: Op | str, name: str, fn: Callable | None = None, *,
+                  load: Callable[[], Callable] | None = None, device_types: Sequence[str],
                   dtypes: Sequence[torch.dtype] | None = None,
                   available: Callable[[], str | None] | None = None,
                   supports: Callable[..., Any] | None = None,
-                  interpret_on_cpu: bool = False) -> Impl:
-    """Add an accelerated implementation; earlier registrations are preferred."""
+                  interpret_on_cpu: bool = False, priority: int | Mapping[Any, int] = 0) -> Impl:
+    """Add an accelerated implementation: ``fn`` itself, or ``load``, a function returning it
+    that runs on first use (so the module holding the kernel is imported only then)."""
     if name == EAGER:
         raise ValueError("'eager' is the op's spec; register it with register_op")
-    target = get_op(op)
-    impl = Impl(name, fn, frozenset(device_types), None if dtypes is None else frozenset(dtypes),
-                available or (lambda: None), supports, interpret_on_cpu)
+    if (fn is None) == (load is None):
+        raise ValueError(f"{name}: pass exactly one of fn and load")
+    target = get_op(op) if isinstance(op, str) else op
+    impl = Impl(name, frozenset(device_types), None if dtypes is None else frozenset(dtypes),
+                available or (lambda: None), supports, interpret_on_cpu, priority, fn, load)
     with _LOCK:
         if any(existing.name == name for existing in target.impls):
-            raise ValueError(f"op {op!r} already has an implementation {name!r}")
+            raise ValueError(f"op {target.name!r} already has an implementation {name!r}")
         target.impls.append(impl)
-        target._auto.clear()
+        target.clear_cache()
     return impl
 
 
@@ -235,88 +229,43 @@ def get_op(name: str) -> Op:
         raise ValueError(f"unknown op {name!r}; valid ops: {', '.join(sorted(_OPS))}") from None
 
 
+def unregister_op(name: str) -> None:
+    """Remove an op (tests register throwaway ones)."""
+    with _LOCK:
+        del _OPS[name]
+
+
 def list_ops() -> list[str]:
     return sorted(_OPS)
 
 
 def clear_cache() -> None:
-    """Forget cached choices (after an availability change, e.g. in tests)."""
-    for op in _OPS.values():
-        op._auto.clear()
+    """Forget every cached choice (after an availability or TRITON_INTERPRET change)."""
+    for op in list(_OPS.values()):
+        op.clear_cache()
 
 
-def _validate(mapping: dict[str, str], source: str) -> dict[str, str]:
-    for op_name, impl_name in mapping.items():
-        if op_name == ALL_OPS:
-            if not any(impl_name in op.impl_names() for op in _OPS.values()):
-                raise ValueError(f"{source}: no op has an implementation {impl_name!r}")
-            continue
-        try:
-            get_op(op_name).get_impl(impl_name)
-        except ValueError as err:
-            raise ValueError(f"{source}: {err}") from None
-    return dict(mapping)
+overrides.on_env_change(clear_cache)
 
 
-def _parse_env(raw: str) -> dict[str, str]:
-    mapping = {}
-    for item in filter(None, (part.strip() for part in raw.split(","))):
-        op_name, sep, impl_name = item.partition("=")
-        if not sep:
-            op_name, impl_name = ALL_OPS, op_name
-        mapping[op_name.strip()] = impl_name.strip()
-    return _validate(mapping, f"LEPTON_KERNELS={raw!r}")
-
-
-def _env_overrides() -> dict[str, str]:
-    # Cached on the raw string: a changed environment takes effect, an unchanged one costs a get.
-    global _ENV_CACHE
-    raw = os.environ.get("LEPTON_KERNELS", "")
-    if raw != _ENV_CACHE[0]:
-        _ENV_CACHE = (raw, _parse_env(raw))
-    return _ENV_CACHE[1]
-
-
-def _lookup(mapping: dict[str, str], op: str) -> str | None:
-    impl = mapping.get(op)
-    if impl is None and ALL_OPS in mapping and mapping[ALL_OPS] in _OPS[op].impl_names():
-        impl = mapping[ALL_OPS]
-    return impl
-
-
-def _forced_impl(op: str) -> str | None:
-    for mapping in (_SCOPED.get(), _ENGINE.get(), _env_overrides()):
-        if mapping:
-            impl = _lookup(mapping, op)
-            if impl is not None:
-                return impl
-    return None
-
-
-@contextlib.contextmanager
-def _scoped(var: contextvars.ContextVar, mapping: dict[str, str]) -> Iterator[None]:
-    token = var.set({**var.get(), **mapping})
-    try:
-        yield
-    finally:
-        var.reset(token)
-
-
-def use(impl: str | None = None, /, **per_op: str) -> contextlib.AbstractContextManager:
+def use(impl: str | None = None, /, **per_op: str) -> contextlib.AbstractContextManager[None]:
     """Force implementations inside a ``with`` block: ``use(rms_norm="eager")``, or
     ``use("triton")`` for every op that has one. Nestable; inner blocks win; the setting is
     local to the current thread or asyncio task, so concurrent requests do not see each other's."""
     mapping = dict(per_op)
     if impl is not None:
         mapping[ALL_OPS] = impl
-    return _scoped(_SCOPED, _validate(mapping, "use()"))
+    return overrides.push("use", overrides.validate(_OPS, mapping, "use()"))
 
 
-def engine_kernels(mapping: dict[str, str] | None) -> contextlib.AbstractContextManager:
+def engine_kernels(mapping: dict[str, str] | None) -> contextlib.AbstractContextManager[None]:
     """The ``Engine(kernels=...)`` layer: weaker than :func:`use`, stronger than the env."""
-    return _scoped(_ENGINE, _validate(dict(mapping or {}), "kernels="))
+    return overrides.push("engine", overrides.validate(_OPS, dict(mapping or {}), "kernels="))
 
 
 def current_overrides() -> dict[str, str]:
     """The override in force for each op that has one (all three layers merged)."""
-    return {name: impl for name in _OPS if (impl := _forced_impl(name)) is not None}
+    overrides.sync_env(_OPS)
+    state = _CURRENT.get()
+    found = {name: overrides.forced(name, op.impl_names(), state) for name, op in _OPS.items()}
+    return {name: impl for name, impl in found.items() if impl is not None}

@@ -47,15 +47,15 @@ def _tk(name: str):
     return importlib.import_module(f"lepton_kernels.triton_kernels.{name}")
 
 
-def _randn(*shape, dtype):
+def randn(*shape, dtype):
     import torch
     return torch.randn(*shape, generator=torch.Generator().manual_seed(0)).to(dtype)
 
 
 def _norm(hidden: int, residual: bool, layer: bool = False, bias: bool = False, tokens: int = 7):
     def call(dtype):
-        x, r = _randn(tokens, hidden, dtype=dtype), _randn(tokens, hidden, dtype=dtype)
-        w, b = _randn(hidden, dtype=dtype), _randn(hidden, dtype=dtype)
+        x, r = randn(tokens, hidden, dtype=dtype), randn(tokens, hidden, dtype=dtype)
+        w, b = randn(hidden, dtype=dtype), randn(hidden, dtype=dtype)
         res = r if residual else None
         if layer:
             _tk("layer_norm").layer_norm(x, w, b if bias else None, 1e-5, res)
@@ -67,15 +67,15 @@ def _norm(hidden: int, residual: bool, layer: bool = False, bias: bool = False, 
 def _rotary(head_dim: int, rot_dim: int, is_neox: bool, hq: int = 32, hk: int = 8):
     def call(dtype):
         import torch
-        q, k = _randn(7, hq, head_dim, dtype=dtype), _randn(7, hk, head_dim, dtype=dtype)
-        cache = _randn(64, rot_dim, dtype=dtype)   # the engine keeps it in the model dtype
+        q, k = randn(7, hq, head_dim, dtype=dtype), randn(7, hk, head_dim, dtype=dtype)
+        cache = randn(64, rot_dim, dtype=dtype)   # the engine keeps it in the model dtype
         _tk("rotary_embedding").rotary_embedding(torch.arange(7), q, k, cache, is_neox)
     return call
 
 
 def _gated(kind: str, inter: int = 14336):
     def call(dtype):
-        x = _randn(7, 2 * inter, dtype=dtype)
+        x = randn(7, 2 * inter, dtype=dtype)
         mod = _tk("activation")
         mod.silu_and_mul(x) if kind == "silu" else mod.gelu_and_mul(x, approximate=kind)
     return call
@@ -87,9 +87,9 @@ def _flash(head_dim: int, q_len: int, causal: bool, window: int | None = None,
     def call(dtype):
         import torch
         lens_q, lens_k = [q_len, max(1, q_len // 2)], [q_len + 16, max(1, q_len // 2)]
-        q = _randn(sum(lens_q), hq, head_dim, dtype=dtype)
-        k = _randn(sum(lens_k), hk, head_dim, dtype=dtype)
-        v = _randn(sum(lens_k), hk, head_dim, dtype=dtype)
+        q = randn(sum(lens_q), hq, head_dim, dtype=dtype)
+        k = randn(sum(lens_k), hk, head_dim, dtype=dtype)
+        v = randn(sum(lens_k), hk, head_dim, dtype=dtype)
         cu_q = torch.tensor([0, lens_q[0], sum(lens_q)], dtype=torch.int32)
         cu_k = torch.tensor([0, lens_k[0], sum(lens_k)], dtype=torch.int32)
         _tk("flash_attention").flash_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
@@ -102,12 +102,12 @@ def _paged(head_dim: int, batch: int, q_len: int, seq_len: int, window: int | No
     def call(dtype):
         import torch
         blocks = math.ceil(seq_len / block_size)
-        kc = _randn(batch * blocks, block_size, hk, head_dim, dtype=dtype)
-        vc = _randn(batch * blocks, block_size, hk, head_dim, dtype=dtype)
+        kc = randn(batch * blocks, block_size, hk, head_dim, dtype=dtype)
+        vc = randn(batch * blocks, block_size, hk, head_dim, dtype=dtype)
         block_tables = torch.arange(batch * blocks, dtype=torch.int32).view(batch, blocks)
         seq_lens = torch.full((batch,), seq_len, dtype=torch.int32)
         cu_q = torch.arange(batch + 1, dtype=torch.int32) * q_len
-        q = _randn(batch * q_len, hq, head_dim, dtype=dtype)
+        q = randn(batch * q_len, hq, head_dim, dtype=dtype)
         _tk("paged_attention").paged_attention(q, kc, vc, block_tables, seq_lens, cu_q, q_len,
                                                seq_len, None, window)
     return call
@@ -116,8 +116,8 @@ def _paged(head_dim: int, batch: int, q_len: int, seq_len: int, window: int | No
 def _cache_write(head_dim: int, hk: int = 8):
     def call(dtype):
         import torch
-        k, v = _randn(7, hk, head_dim, dtype=dtype), _randn(7, hk, head_dim, dtype=dtype)
-        kc, vc = (_randn(4, 16, hk, head_dim, dtype=dtype) for _ in range(2))
+        k, v = randn(7, hk, head_dim, dtype=dtype), randn(7, hk, head_dim, dtype=dtype)
+        kc, vc = (randn(4, 16, hk, head_dim, dtype=dtype) for _ in range(2))
         slot_mapping = torch.tensor([0, 1, 17, -1, 40, 63, 5], dtype=torch.int64)
         _tk("reshape_and_cache").reshape_and_cache(k, v, kc, vc, slot_mapping)
     return call
@@ -127,15 +127,15 @@ def _cache_write(head_dim: int, hk: int = 8):
 def _quantized(bits: int, group_size: int | None, n: int, k: int):
     import torch
     from lepton_kernels.ops.quantize import quantize
-    return quantize(_randn(n, k, dtype=torch.float32), bits, group_size)
+    return quantize(randn(n, k, dtype=torch.float32), bits, group_size)
 
 
 def _quant(bits: int, m: int, bias: bool = False, group_size: int | None = None,
            n: int = 4096, k: int = 4096):
     def call(dtype):
         qw = dataclasses.replace(_quantized(bits, group_size, n, k), dtype=dtype)
-        x = _randn(m, k, dtype=dtype)
-        _tk("quant_matmul").quant_matmul(x, qw, _randn(n, dtype=dtype) if bias else None)
+        x = randn(m, k, dtype=dtype)
+        _tk("quant_matmul").quant_matmul(x, qw, randn(n, dtype=dtype) if bias else None)
     return call
 
 

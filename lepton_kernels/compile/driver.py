@@ -143,12 +143,14 @@ def fake_gpu(arch: int, modules: list):
     for m, name, fn in saved_helpers:
         setattr(m, name, _as_cuda(fn, torch.device("cuda", 0)))
     _clear_caches(modules)
-    previous = getattr(driver, "_active", None)   # None until a real driver was asked for
     driver.set_active(FakeCudaDriver(arch))
     try:
         yield
     finally:
-        driver._active = previous
+        try:   # back to the real driver (built on demand)
+            driver.reset_active()
+        except RuntimeError:   # no GPU here, so no real driver to return to: the fake stays active
+            pass
         for m, name, fn in saved_helpers:
             setattr(m, name, fn)
         for n, fn in saved_cuda.items():

@@ -8,7 +8,7 @@ default case list; ``lepton kernels --compile --case selftest_spill --check`` mu
 
 from __future__ import annotations
 
-from .cases import Case, _randn
+from .cases import Case, randn
 
 
 def _bad_dot(dtype):
@@ -22,7 +22,7 @@ def _bad_dot(dtype):
         a = tl.load(a_ptr + offs[:, None] * B + offs[None, :])
         tl.store(out_ptr + offs[:, None] * B + offs[None, :], tl.dot(a, a).to(a.dtype))
 
-    a = _randn(8, 8, dtype=dtype)
+    a = randn(8, 8, dtype=dtype)
     _selftest_bad_dot_kernel[(1,)](a, torch.empty_like(a), B=8)
 
 
@@ -38,7 +38,7 @@ def _spill(dtype):
         # every element is needed again after the sum: all N / 32 per thread stay live
         tl.store(out_ptr + offs, (x * tl.sum(x, 0) + x * x).to(out_ptr.dtype.element_ty))
 
-    x = _randn(8192, dtype=dtype)
+    x = randn(8192, dtype=dtype)
     _selftest_spill_kernel[(1,)](x, torch.empty_like(x), N=8192, num_warps=1)
 
 

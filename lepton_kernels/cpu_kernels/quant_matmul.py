@@ -37,8 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..ops.quant_matmul import _check
-from . import _build
+from ..ops.quant_matmul import check_args
+from . import jit_build
 
 # Above this many rows, dequantize + sgemm. Measured on one AVX-512 core (us, int8 tiled / int8
 # dequantize+sgemm / float32 prepacked): 2752x512 at 16 rows 694 / 813 / 426, at 64 rows
@@ -56,7 +56,7 @@ _SIGNATURES = {
 
 
 def _library() -> tuple[ctypes.CDLL | None, str | None]:
-    lib, why = _build.load(SOURCE)
+    lib, why = jit_build.load(SOURCE)
     if lib is not None and lib.lk_quant_gemm_int8.argtypes is None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
@@ -108,7 +108,7 @@ def _ptr(t: torch.Tensor | None):
 
 def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K] (float32/16, bfloat16, CPU), qw quantized [N, K], bias[N] -> y[M, N] in x's dtype."""
-    _check(x, qw, bias)
+    check_args(x, qw, bias)
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"quant_matmul cpu kernels unavailable: {why}")

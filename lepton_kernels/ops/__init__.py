@@ -1,18 +1,6 @@
-"""One module per op. Each registers its eager spec (and accelerated implementations) on import.
+"""One module per op: its math in the docstring, the eager spec (registered with
+``@register_op``), sample inputs, and the registrations of its accelerated implementations.
 
-Modules are discovered rather than listed, so contributing an op is adding one file here.
-Modules whose name starts with an underscore are helpers (e.g. kernels loaded lazily) and are
-not imported here.
+lepton_kernels/__init__.py imports every op module by name (an editor can follow it); a new op
+file adds its line there, and tests/test_registry.py checks that none is missing.
 """
-
-import importlib
-import pkgutil
-
-
-def _load_all() -> None:
-    for module in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
-        if not module.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{module.name}")
-
-
-_load_all()

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import SampleInput, register_op
-from ._checks import check_same_device, check_tensor, randn
+from ..backends import NATIVE_CACHE_DTYPES, native_device_types, native_why_not
+from ..checks import check_same_device, check_tensor, randn
+from ..registry import SampleInput, register_impl, register_op
 
 
-def _check(k_caches, v_caches, block_mapping: torch.Tensor) -> None:
+def check_args(k_caches, v_caches, block_mapping: torch.Tensor) -> None:
+    """Structure, shapes and the mapping's values (reads block_mapping: a device sync)."""
     for name, caches in (("k_caches", k_caches), ("v_caches", v_caches)):
         if not isinstance(caches, (list, tuple)):
             raise ValueError(f"{name} must be a list of tensors (one per layer), "
@@ -50,10 +52,11 @@ def _check(k_caches, v_caches, block_mapping: torch.Tensor) -> None:
         raise ValueError("block_mapping uses a block both as a destination and as a source")
 
 
+@register_op
 def copy_blocks(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
                 block_mapping: torch.Tensor) -> None:
     """Per layer: caches[dst] = caches[src] for each row (src, dst) of block_mapping[N, 2]."""
-    _check(k_caches, v_caches, block_mapping)
+    check_args(k_caches, v_caches, block_mapping)
     if block_mapping.shape[0] == 0:
         return
     src, dst = block_mapping[:, 0], block_mapping[:, 1]
@@ -61,6 +64,7 @@ def copy_blocks(k_caches: list[torch.Tensor], v_caches: list[torch.Tensor],
         cache.index_copy_(0, dst, cache.index_select(0, src))
 
 
+@copy_blocks.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -76,4 +80,12 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("copy_blocks", copy_blocks, sample_inputs=sample_inputs)
+def load_ext():
+    """The native extension's wrapper (lepton_kernels/ext.py), which hands the caches to _C."""
+    from ..ext import copy_blocks as wrapper
+    return wrapper
+
+
+# The only accelerated implementation (cpu, and cuda when _C has CUDA kernels).
+register_impl(copy_blocks, "ext", load=load_ext, device_types=native_device_types(),
+              dtypes=NATIVE_CACHE_DTYPES, available=native_why_not)

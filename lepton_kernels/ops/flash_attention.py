@@ -28,9 +28,9 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..backends import register_triton
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
 
 # Bytes of float32 scores materialized at once by the eager path (larger queries are chunked).
 _SCORE_BYTES = 1 << 28
@@ -64,9 +64,10 @@ def check_cu_seqlens(name: str, cu: torch.Tensor, total: int, max_name: str, max
     return values
 
 
-def _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-           sliding_window, deep: bool = True):
-    """Shape/dtype checks; ``deep`` also reads cu_seqlens (one host sync) and returns them."""
+def check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+               sliding_window, deep: bool = True):
+    """Shape/dtype checks; ``deep`` also reads cu_seqlens (one host sync) and returns them.
+    The Triton launcher runs it with deep=False."""
     check_tensor("q", q, 3, floating=True)
     check_tensor("k", k, 3, floating=True)
     check_tensor("v", v, 3, floating=True)
@@ -174,13 +175,14 @@ def token_index(starts: list[int], lens: list[int], device) -> tuple[torch.Tenso
     return start + torch.minimum(pos, length - 1), pos < length
 
 
+@register_op
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     cu_seqlens_k: torch.Tensor, max_seqlen_q: int, max_seqlen_k: int,
                     causal: bool, scale: float | None = None,
                     sliding_window: int | None = None) -> torch.Tensor:
     """q[T,Hq,D], k/v[Tk,Hk,D], cu_seqlens_q/k[B+1] int32 -> out[T,Hq,D] (see module doc)."""
-    cu_q, cu_k = _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-                        scale, sliding_window)
+    cu_q, cu_k = check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                            scale, sliding_window)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
     k_lens = [b - a for a, b in zip(cu_k, cu_k[1:])]
@@ -200,10 +202,17 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
-def triton_supports(q, *args, **kwargs):
-    """Head dims the Triton kernels are built for; anything else falls back to eager."""
-    if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[2] not in TRITON_HEAD_DIMS:
-        return (f"head_dim {q.shape[2]} not supported by the triton kernel "
+def triton_supports(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+                    scale=None, sliding_window=None):
+    """Head dims the Triton kernels are built for; anything else falls back to eager. It runs on
+    every call, so it reads one shape and spells out the op's parameters (binding them costs
+    less than packing *args)."""
+    try:
+        _, _, head_dim = q.shape
+    except (AttributeError, TypeError, ValueError):
+        return True   # not a 3-d tensor: the launcher's argument check names the problem
+    if head_dim not in TRITON_HEAD_DIMS:
+        return (f"head_dim {head_dim} not supported by the triton kernel "
                 f"({', '.join(map(str, TRITON_HEAD_DIMS))})")
     return True
 
@@ -213,6 +222,7 @@ def _cu(lens: list[int], device) -> torch.Tensor:
                         device=device)
 
 
+@flash_attention.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -231,5 +241,10 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("flash_attention", flash_attention, sample_inputs=sample_inputs)
-register_triton("flash_attention", "flash_attention:flash_attention", supports=triton_supports)
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.flash_attention import flash_attention as launcher
+    return launcher
+
+
+register_triton(flash_attention, load_triton, supports=triton_supports)

@@ -10,26 +10,29 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import register_triton
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
 from .silu_and_mul import check_gated_input, gated_samples
 
 APPROXIMATIONS = ("none", "tanh")
 
 
-def _check(x: torch.Tensor, approximate: str) -> None:
+def check_args(x: torch.Tensor, approximate: str) -> None:
+    """Shape and the approximation's name; the Triton launcher runs it too."""
     check_gated_input(x)
     if approximate not in APPROXIMATIONS:
         raise ValueError(f"approximate must be one of {APPROXIMATIONS}, got {approximate!r}")
 
 
+@register_op
 def gelu_and_mul(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     """x[T, 2I] -> gelu(x[:, :I], approximate) * x[:, I:], shape [T, I]."""
-    _check(x, approximate)
+    check_args(x, approximate)
     gate, up = x.float().chunk(2, dim=-1)
     return (torch.nn.functional.gelu(gate, approximate=approximate) * up).to(x.dtype)
 
 
+@gelu_and_mul.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     samples = []
     for approximate in APPROXIMATIONS:
@@ -38,5 +41,10 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("gelu_and_mul", gelu_and_mul, sample_inputs=sample_inputs)
-register_triton("gelu_and_mul", "activation:gelu_and_mul")
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.activation import gelu_and_mul as launcher
+    return launcher
+
+
+register_triton(gelu_and_mul, load_triton)

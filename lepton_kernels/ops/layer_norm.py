@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import register_triton
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
-           residual: torch.Tensor | None) -> None:
+def check_args(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float,
+               residual: torch.Tensor | None) -> None:
+    """Shapes, dtypes and devices (no device sync); the Triton launcher runs it too."""
     check_tensor("x", x, 2, floating=True)
     check_tensor("weight", weight, 1, floating=True)
     check_same("weight.shape[0]", weight.shape[0], "x.shape[1] (hidden)", x.shape[1])
@@ -34,10 +35,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps
     check_same_device(x=x, weight=weight, bias=bias, residual=residual)
 
 
+@register_op
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float = 1e-5,
                residual: torch.Tensor | None = None):
     """x[T,H], weight[H], bias[H] or None -> y[T,H]; with residual[T,H]: (y, x + residual)."""
-    _check(x, weight, bias, eps, residual)
+    check_args(x, weight, bias, eps, residual)
     s = x.float()
     if residual is not None:
         s = s + residual.float()
@@ -50,6 +52,7 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     return y.to(x.dtype), s.to(x.dtype)
 
 
+@layer_norm.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -65,6 +68,11 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("layer_norm", layer_norm, sample_inputs=sample_inputs)
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.layer_norm import layer_norm as launcher
+    return launcher
+
+
 # Any hidden size: rows wider than one register block are walked in chunks.
-register_triton("layer_norm", "layer_norm:layer_norm")
+register_triton(layer_norm, load_triton)

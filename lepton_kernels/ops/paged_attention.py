@@ -24,19 +24,19 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..backends import register_triton
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
 from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args, gather_rows,
                               sequence_groups, token_index)
 
 TRITON_HEAD_DIMS = (64, 80, 96, 128, 256)
 
 
-def _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-           scale, sliding_window, deep: bool = True):
+def check_args(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+               scale, sliding_window, deep: bool = True):
     """Shape/dtype checks; ``deep`` also reads the index tensors (host sync) and returns
-    (cu_seqlens_q, seq_lens) as lists."""
+    (cu_seqlens_q, seq_lens) as lists. The Triton launcher runs it with deep=False."""
     check_tensor("q", q, 3, floating=True)
     check_tensor("k_cache", k_cache, 4, floating=True)
     check_tensor("v_cache", v_cache, 4, floating=True)
@@ -83,14 +83,15 @@ def _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen
     return cu_q, lens
 
 
+@register_op
 def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor,
                     max_seqlen_q: int, max_seqlen_k: int, scale: float | None = None,
                     sliding_window: int | None = None) -> torch.Tensor:
     """q[T,Hq,D], k/v_cache[NB,BS,Hk,D], block_tables[B,max_blocks], seq_lens[B],
     cu_seqlens_q[B+1] (all int32) -> out[T,Hq,D] (see module doc)."""
-    cu_q, k_lens = _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
-                          max_seqlen_k, scale, sliding_window)
+    cu_q, k_lens = check_args(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+                              max_seqlen_k, scale, sliding_window)
     scale = 1.0 / math.sqrt(q.shape[2]) if scale is None else float(scale)
     q_lens = [b - a for a, b in zip(cu_q, cu_q[1:])]
     if min(q_lens) == max(q_lens) == 1:  # one query per sequence: a decode step
@@ -147,6 +148,7 @@ def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block
     return out.reshape(b, hq, d).to(q.dtype)
 
 
+@paged_attention.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(1)
     samples = []
@@ -176,18 +178,27 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-def triton_supports(q, k_cache=None, *args, **kwargs):
+def triton_supports(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+                    max_seqlen_k, scale=None, sliding_window=None):
     """Shapes the Triton kernels are built for (anything else falls back to eager): the head dims
     of their config table, and power-of-two block sizes (a key tile is whole blocks or a slice of
-    one block; the engine only makes powers of two)."""
-    if isinstance(q, torch.Tensor) and q.dim() == 3 and q.shape[2] not in TRITON_HEAD_DIMS:
-        return f"head_dim {q.shape[2]} not supported by the triton kernel {TRITON_HEAD_DIMS}"
-    if isinstance(k_cache, torch.Tensor) and k_cache.dim() == 4:
-        block_size = k_cache.shape[1]
-        if block_size < 1 or block_size & (block_size - 1):
-            return f"block_size {block_size} (k_cache.shape[1]) is not a power of two"
+    one block; the engine only makes powers of two). It runs on every call, so it reads just two
+    shapes and spells out the op's parameters (binding them costs less than packing *args)."""
+    try:
+        (_, _, head_dim), (_, block_size, _, _) = q.shape, k_cache.shape
+    except (AttributeError, TypeError, ValueError):
+        return True   # not tensors of these ranks: the launcher's argument check names the problem
+    if head_dim not in TRITON_HEAD_DIMS:
+        return f"head_dim {head_dim} not supported by the triton kernel {TRITON_HEAD_DIMS}"
+    if block_size & (block_size - 1):
+        return f"block_size {block_size} (k_cache.shape[1]) is not a power of two"
     return True
 
 
-register_op("paged_attention", paged_attention, sample_inputs=sample_inputs)
-register_triton("paged_attention", "paged_attention:paged_attention", supports=triton_supports)
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.paged_attention import paged_attention as launcher
+    return launcher
+
+
+register_triton(paged_attention, load_triton, supports=triton_supports)

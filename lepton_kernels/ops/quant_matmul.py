@@ -14,19 +14,21 @@ tensors with a C kernel; its layout lives in ``qw.prepared["cpu"]``, built by
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
+from ..backends import register_triton, triton_available
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_impl, register_op
-from ._backends import register_triton, triton_available
-from ._checks import check_same, check_same_device, check_tensor, randn
-from .quantize import _check_qweight, _weights, dequantize, quantize
+from .quantize import check_qweight, dequantize, quantize, sample_weights
 
 
-def _check(x: torch.Tensor, qw, bias: torch.Tensor | None) -> None:
+def check_args(x: torch.Tensor, qw, bias: torch.Tensor | None) -> None:
     """Shape, dtype and device checks (no device sync); shared with the kernels."""
     check_tensor("x", x, 2, floating=True)
-    _check_qweight("qw", qw)
+    check_qweight("qw", qw)
     n, k = qw.shape
     check_same("x.shape[1]", x.shape[1], "qw.shape[1] (K)", k)
     if x.dtype != qw.dtype:
@@ -37,16 +39,18 @@ def _check(x: torch.Tensor, qw, bias: torch.Tensor | None) -> None:
     check_same_device(x=x, qweight=qw.qweight, bias=bias)
 
 
+@register_op
 def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K], qw (quantized [N, K]), bias[N] -> y[M, N] = x @ dequantize(qw).T + bias."""
-    _check(x, qw, bias)
+    check_args(x, qw, bias)
     return F.linear(x, dequantize(qw), bias)
 
 
+@quant_matmul.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(1)
     samples = []
-    weights = _weights(device, dtype)
+    weights = sample_weights(device, dtype)
     # M 1 and 7 take the decode (split-K) path, 33 the tiled one.
     for (name, w, bits, group), m in zip(weights, (1, 7, 33)):
         qw = quantize(w, bits, group)
@@ -57,34 +61,49 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-def _cpu_available() -> str | None:
+@functools.cache
+def cpu_kernels():
+    """lepton_kernels/cpu_kernels/quant_matmul.py, imported on first use (it imports this file's
+    check_args, so it cannot be imported while this file loads)."""
     from ..cpu_kernels import quant_matmul as cpu
+    return cpu
 
-    return cpu.available()
+
+def cpu_available() -> str | None:
+    """None when the C kernels are built (compiled on first use), else why not."""
+    return cpu_kernels().available()
 
 
-def _cpu_supports(*args, **kwargs):
-    from ..cpu_kernels import quant_matmul as cpu
-
-    return cpu.supports(*args, **kwargs)
+def cpu_supports(x: torch.Tensor, qw, bias: torch.Tensor | None = None):
+    """The C kernels' per-call check (they have no backward)."""
+    return cpu_kernels().supports(x, qw, bias)
 
 
 def prepare_quantized(qw) -> None:
     """Build, once, the layout the implementation for qw's device reads (``qw.prepared``), so
     the first forward does not pay for it. A no-op where no implementation needs one."""
-    _check_qweight("qw", qw)
-    if qw.qweight.device.type == "cpu" and _cpu_available() is None:
-        from ..cpu_kernels import quant_matmul as cpu
-
-        cpu.prepare(qw)
+    check_qweight("qw", qw)
+    if qw.qweight.device.type == "cpu" and cpu_available() is None:
+        cpu_kernels().prepare(qw)
     elif qw.qweight.device.type == "cuda" and triton_available() is None:
         from ..triton_kernels.quant_matmul import prepare
 
         prepare(qw)
 
 
-register_op("quant_matmul", quant_matmul, sample_inputs=sample_inputs)
-register_triton("quant_matmul", "quant_matmul:quant_matmul")
-register_impl("quant_matmul", "cpu", "lepton_kernels.cpu_kernels.quant_matmul:quant_matmul",
-              device_types=["cpu"], dtypes=(torch.float32, torch.float16, torch.bfloat16),
-              available=_cpu_available, supports=_cpu_supports)
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.quant_matmul import quant_matmul as launcher
+    return launcher
+
+
+def load_cpu():
+    """The C kernels' entry point (lepton_kernels/cpu_kernels/quant_matmul.py)."""
+    return cpu_kernels().quant_matmul
+
+
+# One accelerated implementation per device type: triton on cuda, the C kernels on cpu.
+register_triton(quant_matmul, load_triton)
+register_impl(quant_matmul, "cpu", load=load_cpu, device_types=["cpu"],
+              dtypes=(torch.float32, torch.float16, torch.bfloat16), available=cpu_available,
+              supports=cpu_supports)

@@ -35,8 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checks import check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._checks import check_tensor, randn
 
 INT4_GROUP_SIZES = (32, 64, 128)
 
@@ -96,6 +96,7 @@ def _unpack_int4(qweight: torch.Tensor) -> torch.Tensor:
     return ((qweight.unsqueeze(-1) >> shifts) & 15).view(qweight.shape[0], -1)
 
 
+@register_op
 def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None) -> QuantizedWeight:
     """w[N, K] -> QuantizedWeight: int8 per output channel or int4 per group of group_size."""
     group_size = _check_args(w, bits, group_size)
@@ -143,7 +144,7 @@ def _int4_grid(groups: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     return scales, zeros, q
 
 
-def _check_qweight(name: str, qw) -> None:
+def check_qweight(name: str, qw) -> None:
     """Layout checks on a QuantizedWeight (no device sync); shared with quant_matmul's kernels."""
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"{name} must be a QuantizedWeight (from quantize), got {type(qw).__name__}")
@@ -169,9 +170,16 @@ def _check_qweight(name: str, qw) -> None:
             raise ValueError(f"{name}.{field} is on {t.device}, qweight on {qw.qweight.device}")
 
 
+def _scales(qw) -> torch.Tensor | None:
+    # dequantize has no tensor argument: dispatch on the scales' device. A wrong argument type
+    # dispatches to eager, whose check names it.
+    return qw.scales if isinstance(qw, QuantizedWeight) else None
+
+
+@register_op(dispatch_tensor=_scales)
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     """QuantizedWeight -> w'[N, K] in the original dtype."""
-    _check_qweight("qw", qw)
+    check_qweight("qw", qw)
     if qw.bits == 8:
         return (qw.qweight.float() * qw.scales[:, None]).to(qw.dtype)
     n, k = qw.shape
@@ -180,30 +188,20 @@ def dequantize(qw: QuantizedWeight) -> torch.Tensor:
     return w.view(n, k).to(qw.dtype)
 
 
-def _qw_scales(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    # dequantize has no tensor argument: dispatch on the scales' device. A wrong argument type
-    # dispatches to eager, whose check names it.
-    qw = args[0] if args else kwargs.get("qw")
-    return qw.scales if isinstance(qw, QuantizedWeight) else None
-
-
-def _weights(device, dtype) -> list[tuple[str, torch.Tensor, int, int | None]]:
+def sample_weights(device, dtype) -> list[tuple[str, torch.Tensor, int, int | None]]:
     g = torch.Generator().manual_seed(0)
     return [(f"N{n}_K{k}_int{bits}" + (f"_g{group}" if group else ""),
              randn(n, k, device=device, dtype=dtype, generator=g, scale=0.1), bits, group)
             for n, k, bits, group in [(37, 96, 8, None), (37, 96, 4, 32), (16, 256, 4, 128)]]
 
 
+@quantize.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return [SampleInput(name, (w, bits, group))
-            for name, w, bits, group in _weights(device, dtype)]
+            for name, w, bits, group in sample_weights(device, dtype)]
 
 
+@dequantize.set_sample_inputs
 def dequantize_sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return [SampleInput(name, (quantize(w, bits, group),))
-            for name, w, bits, group in _weights(device, dtype)]
-
-
-register_op("quantize", quantize, sample_inputs=sample_inputs)
-register_op("dequantize", dequantize, sample_inputs=dequantize_sample_inputs,
-            dispatch_tensor=_qw_scales)
+            for name, w, bits, group in sample_weights(device, dtype)]

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import torch
 
-from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
+from ..backends import (NATIVE_CACHE_DTYPES, native_device_types, native_why_not,
+                        register_triton)
+from ..checks import check_same, check_same_device, check_tensor, randn
+from ..registry import SampleInput, register_impl, register_op
 
 
-def _check(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           slot_mapping: torch.Tensor) -> None:
+def check_args(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               slot_mapping: torch.Tensor) -> None:
     """Shape, dtype, device and layout checks (no device sync); shared with the kernels."""
     check_tensor("k", k, 3, floating=True)
     check_tensor("v", v, 3, floating=True)
@@ -47,10 +48,11 @@ def _check(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: tor
     check_same_device(k=k, v=v, k_cache=k_cache, v_cache=v_cache, slot_mapping=slot_mapping)
 
 
+@register_op
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """k, v[T,Hk,D] -> k_cache, v_cache[NB,BS,Hk,D] at slot_mapping[T] (negative: skip)."""
-    _check(k, v, k_cache, v_cache, slot_mapping)
+    check_args(k, v, k_cache, v_cache, slot_mapping)
     num_slots = k_cache.shape[0] * k_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
@@ -66,6 +68,7 @@ def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
     v_cache.view(num_slots, *v_cache.shape[2:]).index_copy_(0, slots, v[keep])
 
 
+@reshape_and_cache.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -84,5 +87,28 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("reshape_and_cache", reshape_and_cache, sample_inputs=sample_inputs)
-register_triton("reshape_and_cache", "reshape_and_cache:reshape_and_cache")
+def load_ext():
+    """The native extension's wrapper (lepton_kernels/ext.py), which hands the tensors to _C."""
+    from ..ext import reshape_and_cache as wrapper
+    return wrapper
+
+
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.reshape_and_cache import reshape_and_cache as launcher
+    return launcher
+
+
+# On cuda both run; ext goes first. Their kernels do the same work (one program per token copying
+# its Hk * D row with 16-byte accesses), a few hundred KB per decode step, so a step's cost is the
+# host-side launch. Both run the same argument check (check_args, ~4.7 us on this project's CPU
+# test machine); ext then adds ~2.3 us (five DLPack capsules, one pybind11 call, the copy of one
+# token on cpu tensors; benchmarks/test_registry_overhead.py, reshape_and_cache_ext_host), plus a
+# current-stream lookup on cuda that is not measured here. Triton's Python launcher adds its
+# per-launch cost instead, reported at ~9 us per launch on GB200 (vllm-project/vllm#34838); it
+# cannot run without a GPU, so that side is not measured here. Device time of the two kernels is
+# not measured yet either: confirmation is pending benchmarks/gpu_suite.py on a GPU.
+# Without CUDA kernels in _C (built without nvcc), ext is cpu-only and triton serves cuda.
+register_impl(reshape_and_cache, "ext", load=load_ext, device_types=native_device_types(),
+              dtypes=NATIVE_CACHE_DTYPES, available=native_why_not, priority={"cuda": 1})
+register_triton(reshape_and_cache, load_triton)

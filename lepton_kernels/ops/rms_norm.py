@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import register_triton
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+def check_args(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
+    """Shapes, dtypes and devices (no device sync); the Triton launcher runs it too."""
     check_tensor("x", x, 2, floating=True)
     check_tensor("weight", weight, 1, floating=True)
     check_same("weight.shape[0]", weight.shape[0], "x.shape[1] (hidden)", x.shape[1])
@@ -29,10 +30,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Te
     check_same_device(x=x, weight=weight, residual=residual)
 
 
+@register_op
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
              residual: torch.Tensor | None = None):
     """x[T,H], weight[H] -> y[T,H]; with residual[T,H]: (y, x + residual)."""
-    _check(x, weight, eps, residual)
+    check_args(x, weight, eps, residual)
     s = x.float()
     if residual is not None:
         s = s + residual.float()
@@ -42,6 +44,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6,
     return y.to(x.dtype), s.to(x.dtype)
 
 
+@rms_norm.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -54,6 +57,11 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("rms_norm", rms_norm, sample_inputs=sample_inputs)
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.rms_norm import rms_norm as launcher
+    return launcher
+
+
 # Any hidden size: rows wider than one register block are walked in chunks.
-register_triton("rms_norm", "rms_norm:rms_norm")
+register_triton(rms_norm, load_triton)

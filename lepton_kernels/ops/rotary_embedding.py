@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import register_triton
+from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_same, check_same_device, check_tensor, randn
 
 _INT_DTYPES = (torch.int64, torch.int32)
 
 
-def _check(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
-           is_neox: bool, check_range: bool = True) -> None:
+def check_args(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos_sin_cache: torch.Tensor,
+               is_neox: bool, check_range: bool = True) -> None:
+    """Shapes, dtypes, devices and strides; ``check_range`` also reads positions (a device sync),
+    which the Triton launcher skips."""
     check_tensor("positions", positions, 1, dtypes=_INT_DTYPES)
     check_tensor("q", q, 3, floating=True)
     check_tensor("k", k, 3, floating=True)
@@ -66,13 +68,14 @@ def _rotate_(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: boo
         rot.copy_(torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2))
 
 
+@register_op(dispatch_arg="q")   # positions come first but are integers
 def rotary_embedding(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
                      cos_sin_cache: torch.Tensor, is_neox: bool = True):
     """positions[T] int, q[T,Hq,D], k[T,Hk,D], cos_sin_cache[max_pos, rot_dim] -> (q, k).
 
     Modifies q and k in place (through their strides) and returns those same tensors.
     """
-    _check(positions, q, k, cos_sin_cache, is_neox)
+    check_args(positions, q, k, cos_sin_cache, is_neox)
     cos, sin = cos_sin_cache.index_select(0, positions).float().unsqueeze(1).chunk(2, dim=-1)
     _rotate_(q, cos, sin, is_neox)
     _rotate_(k, cos, sin, is_neox)
@@ -101,12 +104,7 @@ def build_cos_sin_cache(max_position: int, rot_dim: int, base: float = 10000.0,
     return torch.cat((angles.cos(), angles.sin()), dim=-1).to(dtype)
 
 
-def _dispatch_tensor(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    # Dispatch on q (positions come first but are integers).
-    q = args[1] if len(args) > 1 else kwargs.get("q")
-    return q if isinstance(q, torch.Tensor) else None
-
-
+@rotary_embedding.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(0)
     samples = []
@@ -126,6 +124,10 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("rotary_embedding", rotary_embedding, sample_inputs=sample_inputs,
-            dispatch_tensor=_dispatch_tensor)
-register_triton("rotary_embedding", "rotary_embedding:rotary_embedding")
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.rotary_embedding import rotary_embedding as launcher
+    return launcher
+
+
+register_triton(rotary_embedding, load_triton)

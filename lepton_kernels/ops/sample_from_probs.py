@@ -21,11 +21,13 @@ csrc/sampling_cpu.cpp) walks each row in C++ and computes the same thresholds on
 from __future__ import annotations
 
 import torch
+from torch.utils.dlpack import to_dlpack
 
+from ..backends import native_module, native_why_not
+from ..checks import check_same_device, check_tensor
 from ..registry import SampleInput, register_impl, register_op
 from ..sampling.candidates import at, candidate_pools
 from ..sampling.noise import exponential_noise
-from ._checks import check_same_device, check_tensor
 
 
 def check_args(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
@@ -45,6 +47,7 @@ def check_args(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Ten
     check_same_device(probs=probs, top_k=top_k, top_p=top_p, min_p=min_p, keys=keys)
 
 
+@register_op
 def sample_from_probs(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                       min_p: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
     """probs[R, V] f32, top_k[R] i64 | None, top_p[R] f32 | None, min_p[R] f32 | None,
@@ -69,9 +72,6 @@ def sample_from_probs(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: to
 def sample_from_probs_ext(probs: torch.Tensor, top_k: torch.Tensor | None, top_p: torch.Tensor | None,
                           min_p: torch.Tensor | None, keys: torch.Tensor) -> torch.Tensor:
     """The ``ext`` implementation: lepton_kernels._C walks each row on the cpu."""
-    from torch.utils.dlpack import to_dlpack
-
-    from ..ext import native_module
     check_args(probs, top_k, top_p, min_p, keys)
     out = torch.empty(probs.shape[0], dtype=torch.int64)
     if probs.shape[0]:
@@ -82,11 +82,7 @@ def sample_from_probs_ext(probs: torch.Tensor, top_k: torch.Tensor | None, top_p
     return out
 
 
-def _ext_available() -> str | None:
-    from ..ext import ext_info
-    return ext_info()["why_not"]
-
-
+@sample_from_probs.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     g = torch.Generator().manual_seed(3)
     samples = []
@@ -101,6 +97,6 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return samples
 
 
-register_op("sample_from_probs", sample_from_probs, sample_inputs=sample_inputs)
-register_impl("sample_from_probs", "ext", sample_from_probs_ext, device_types=["cpu"], dtypes=[torch.float32],
-              available=_ext_available)
+# The only accelerated implementation (cpu).
+register_impl(sample_from_probs, "ext", sample_from_probs_ext, device_types=["cpu"], dtypes=[torch.float32],
+              available=native_why_not)

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import register_triton
+from ..checks import check_tensor, randn
 from ..registry import SampleInput, register_op
-from ._backends import register_triton
-from ._checks import check_tensor, randn
 
 
 def check_gated_input(x: torch.Tensor) -> None:
-    """x[T, 2I]: shared with gelu_and_mul."""
+    """x[T, 2I] (no device sync): shared with gelu_and_mul and the Triton launchers."""
     check_tensor("x", x, 2, floating=True)
     if x.shape[1] % 2:
         raise ValueError(f"x.shape[1] must be even ([gate | up]), got {x.shape[1]}")
 
 
+@register_op
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     """x[T, 2I] -> silu(x[:, :I]) * x[:, I:], shape [T, I]."""
     check_gated_input(x)
@@ -35,9 +36,15 @@ def gated_samples(device, dtype) -> list[SampleInput]:
             for tokens, inter in [(1, 128), (7, 769), (83, 64)]]
 
 
+@silu_and_mul.set_sample_inputs
 def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
     return gated_samples(device, dtype)
 
 
-register_op("silu_and_mul", silu_and_mul, sample_inputs=sample_inputs)
-register_triton("silu_and_mul", "activation:silu_and_mul")
+def load_triton():
+    """The Triton launcher (imports triton: runs on the first call that selects it)."""
+    from ..triton_kernels.activation import silu_and_mul as launcher
+    return launcher
+
+
+register_triton(silu_and_mul, load_triton)

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.gelu_and_mul import _check as check_gelu_args
+from ..ops.gelu_and_mul import check_args as check_gelu_args
 from ..ops.silu_and_mul import check_gated_input
 
 SILU, GELU_ERF, GELU_TANH = 0, 1, 2

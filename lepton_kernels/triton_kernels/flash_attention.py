@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.flash_attention import _check
+from ..ops.flash_attention import check_args
 from .flash_attention_config import launch_config
 
 LOG2E = math.log2(math.e)
@@ -198,8 +198,8 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlen
 
     cu_seqlens are read on the host only for CPU tensors (interpreter); on a GPU the caller's
     max_seqlen_q must bound every sequence, as with flash-attn's varlen API."""
-    _check(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
-           sliding_window, deep=q.device.type == "cpu")
+    check_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, scale,
+               sliding_window, deep=q.device.type == "cpu")
     out = torch.empty_like(q)
     if q.shape[0] == 0 or max_seqlen_q == 0:
         return out.zero_()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.layer_norm import _check as check_args
+from ..ops.layer_norm import check_args
 from .rms_norm import load_sum, row_launch_config, rows
 
 

@@ -18,10 +18,12 @@ import math
 import torch
 import triton
 
-from ..ops.paged_attention import _check
+from ..ops.paged_attention import check_args
 from ..registry import triton_interpret
 from .paged_attention_configs import Tiles, decode_tiles, prefill_tiles
-from .paged_attention_kernels import _merge_splits_kernel, _paged_decode_kernel, _paged_prefill_kernel
+from .paged_attention_kernels import merge_splits_kernel as _merge_splits_kernel
+from .paged_attention_kernels import paged_decode_kernel as _paged_decode_kernel
+from .paged_attention_kernels import paged_prefill_kernel as _paged_prefill_kernel
 
 LOG2E = math.log2(math.e)   # scores are kept in the log2 domain: exp2 instead of exp
 
@@ -68,8 +70,8 @@ def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tenso
 
     Index tensors are read on the host only for CPU tensors (interpreter); on a GPU the caller
     guarantees max_seqlen_q / max_seqlen_k and the block table, as with vLLM's kernels."""
-    _check(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
-           scale, sliding_window, deep=q.device.type == "cpu")
+    check_args(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
+               scale, sliding_window, deep=q.device.type == "cpu")
     t, hq, d = q.shape
     out = torch.empty_like(q)
     if t == 0 or max_seqlen_q == 0:

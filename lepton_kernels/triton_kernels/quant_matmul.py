@@ -24,9 +24,9 @@ import functools
 import torch
 import triton
 
-from ..ops.quant_matmul import _check
+from ..ops.quant_matmul import check_args
 from .quant_matmul_config import DECODE_MAX_M, pick_config, split_k_locks, split_k_plan
-from .quant_matmul_kernels import _quant_matmul_kernel
+from .quant_matmul_kernels import quant_matmul_kernel as _quant_matmul_kernel
 from .quant_matmul_repack import PreparedWeight, prepare
 
 __all__ = ["quant_matmul", "prepare", "PreparedWeight"]
@@ -49,7 +49,7 @@ def _dot_precision(dtype: torch.dtype, device: torch.device) -> str:
 
 def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Same contract as the eager op: x[M, K] @ dequantize(qw).T (+ bias) -> [M, N]."""
-    _check(x, qw, bias)
+    check_args(x, qw, bias)
     m, k = x.shape
     n = qw.shape[0]
     out = torch.empty(m, n, device=x.device, dtype=x.dtype)

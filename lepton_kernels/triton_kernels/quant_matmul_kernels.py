@@ -139,3 +139,8 @@ def _quant_matmul_kernel(
             _write_output(total, bias_ptr, out_ptr, offs_m, offs_n, M, N, stride_om, stride_on,
                           HAS_BIAS)
             tl.atomic_xchg(locks_ptr + pid, 0)
+
+
+# The name the launcher (quant_matmul.py) imports; the kernel keeps its underscore name, which
+# the compile report (lepton kernels --compile) and its cases list.
+quant_matmul_kernel = _quant_matmul_kernel

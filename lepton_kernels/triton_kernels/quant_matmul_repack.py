@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ops.quantize import _check_qweight
+from ..ops.quantize import check_qweight
 
 PAD_N = 128      # largest BLOCK_N of the config table
 PAD_K_INT8 = 128  # largest BLOCK_K of the config table
@@ -60,9 +60,11 @@ class PreparedWeight:
 
 
 def _source_key(qw) -> tuple:
+    # Which tensors the layout was built from: assigning new ones (qw.scales = ...) rebuilds it.
+    # A QuantizedWeight is not meant to be edited in place; whoever does must clear qw.prepared.
     tensors = (qw.qweight, qw.scales, qw.zeros)
     return (qw.bits, qw.group_size, tuple(qw.shape),
-            tuple((t.data_ptr(), t._version, t.device) if t is not None else None
+            tuple((t.data_ptr(), tuple(t.shape), t.dtype, t.device) if t is not None else None
                   for t in tensors))
 
 
@@ -117,8 +119,8 @@ def prepare(qw) -> PreparedWeight:
 
     A loader calls this right after quantizing or loading a weight so that the first forward
     pays nothing; quant_matmul calls it lazily otherwise. The cache is rebuilt when the
-    canonical tensors are replaced or modified in place."""
-    _check_qweight("qw", qw)
+    canonical tensors are replaced (after an in-place edit, clear ``qw.prepared``)."""
+    check_qweight("qw", qw)
     cached = qw.prepared.get("triton")
     if isinstance(cached, PreparedWeight) and cached.source == _source_key(qw):
         return cached

@@ -6,7 +6,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.reshape_and_cache import _check
+from ..ops.reshape_and_cache import check_args
 
 
 @triton.jit
@@ -41,7 +41,7 @@ def _reshape_and_cache_kernel(
 def reshape_and_cache(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor,
                       v_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
     """Same contract as the eager op; slots are trusted to be in range and distinct."""
-    _check(k, v, k_cache, v_cache, slot_mapping)
+    check_args(k, v, k_cache, v_cache, slot_mapping)
     tokens, heads, head_dim = k.shape
     if tokens == 0:
         return

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.rms_norm import _check as check_args
+from ..ops.rms_norm import check_args
 
 # Elements of a row one program holds at once (per tensor). 8192 is the widest block that compiles
 # without spills at fp16/bf16/fp32 on sm_80 and sm_90 with 16 warps (16 fp32 values per thread).

@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops.rotary_embedding import _check as check_args
+from ..ops.rotary_embedding import check_args
 
 
 @triton.jit

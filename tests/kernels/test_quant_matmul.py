@@ -167,8 +167,7 @@ def test_prepare_builds_the_layout_once_and_rebuilds_on_change(fmt):
                                rtol=0, atol=0)
     x = randn(2, k, seed=17)
     before = run("triton", x, qw)
-    with torch.no_grad():
-        qw.scales.mul_(2)          # in place: the cached layout is stale and must be rebuilt
+    qw.scales = qw.scales * 2      # new scales: the cached layout is stale and must be rebuilt
     after = run("triton", x, qw)
     assert qw.prepared["triton"] is not prepared
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@ import torch
 
 import lepton_kernels
 from lepton_kernels import registry
-from lepton_kernels.cpu_kernels import _build
+from lepton_kernels.cpu_kernels import jit_build
 from lepton_kernels.cpu_kernels import quant_matmul as cpu
 from lepton_kernels.ops.quant_matmul import prepare_quantized
 from lepton_kernels.ops.quantize import QuantizedWeight
@@ -139,7 +139,7 @@ def test_bad_inputs_name_the_argument(call, match):
 def test_without_a_compiler_selection_falls_back_to_eager(monkeypatch):
     qw = lepton_kernels.quantize(randn(8, 64, seed=1), 8)
     monkeypatch.setenv("CC", "no-such-compiler-here")
-    _build.load.cache_clear()
+    jit_build.load.cache_clear()
     registry.clear_cache()
     try:
         assert "no C compiler" in cpu.available()
@@ -148,7 +148,7 @@ def test_without_a_compiler_selection_falls_back_to_eager(monkeypatch):
             run("cpu", torch.ones(1, 64), qw)
     finally:
         monkeypatch.undo()
-        _build.load.cache_clear()
+        jit_build.load.cache_clear()
         registry.clear_cache()
     assert registry.get_op("quant_matmul").select(torch.ones(1, 64), qw) == "cpu"
 

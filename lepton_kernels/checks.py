@@ -1,4 +1,5 @@
-"""Argument checks shared by the ops: a bad call raises ValueError naming the argument."""
+"""Argument checks shared by the ops and their kernels: a bad call raises ValueError naming the
+argument, before any kernel sees it (never a deep torch or Triton traceback)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 
 def check_tensor(name: str, t, ndim: int | None = None, *, floating: bool = False,
                  dtypes: tuple[torch.dtype, ...] | None = None) -> torch.Tensor:
+    """``t`` is a tensor with ``ndim`` dimensions (and a floating / one of ``dtypes`` dtype)."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if ndim is not None and t.dim() != ndim:
@@ -20,11 +22,13 @@ def check_tensor(name: str, t, ndim: int | None = None, *, floating: bool = Fals
 
 
 def check_same(name_a: str, a: int, name_b: str, b: int) -> None:
+    """Two sizes that must agree, named in the message."""
     if a != b:
         raise ValueError(f"{name_a} ({a}) must equal {name_b} ({b})")
 
 
-def check_same_device(**tensors: torch.Tensor) -> None:
+def check_same_device(**tensors: torch.Tensor | None) -> None:
+    """Every tensor given (None entries are skipped) lives on one device."""
     devices = {name: t.device for name, t in tensors.items() if t is not None}
     if len(set(devices.values())) > 1:
         listing = ", ".join(f"{name} on {dev}" for name, dev in devices.items())
