@@ -140,7 +140,7 @@ def test_rotary_in_place_through_any_strides(impl, is_neox):
 def test_rotary_dispatches_on_q_dtype_not_positions():
     # positions come first; dispatching on their int64 dtype would never pick a float kernel
     positions, q, k, cache = inputs(3, 2, 1, 64, 64, torch.float16)
-    key = lepton_kernels.get_op("rotary_embedding")._key((positions, q, k, cache, True), {})
+    key = lepton_kernels.get_op("rotary_embedding").dispatch_key(positions, q, k, cache, True)
     assert key == ("cpu", torch.float16)
 
 
