@@ -44,7 +44,7 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     install_handlers(app)
     app.add_middleware(GuardMiddleware, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: probes that skip the body
     async def health():
         ok = st.async_engine is None or st.async_engine.is_running
         return Response(status_code=200 if ok else 503)

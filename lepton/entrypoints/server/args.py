@@ -38,8 +38,22 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _api_keys(args) -> list[str]:
-    keys = list(args.api_key or [])
-    keys += [k.strip() for k in os.environ.get("LEPTON_API_KEY", "").split(",") if k.strip()]
+    """The accepted keys: every --api-key, then LEPTON_API_KEY's comma-separated ones. An empty
+    key (``--api-key ""`` from an unset shell variable, or a blank LEPTON_API_KEY) is refused:
+    taken as "no key" it would silently serve without authentication."""
+    keys = []
+    for key in args.api_key or []:
+        if not key.strip():
+            raise ValueError("--api-key is empty (an unset shell variable?); give a key, or leave the "
+                             "option out to serve without authentication")
+        keys.append(key.strip())
+    env = os.environ.get("LEPTON_API_KEY")
+    if env is not None:
+        env_keys = [k.strip() for k in env.split(",")]
+        if not all(env_keys):
+            raise ValueError("LEPTON_API_KEY is set but holds an empty key; set it to comma-separated "
+                             "keys, or unset it to serve without authentication")
+        keys += env_keys
     return keys
 
 
@@ -53,6 +67,11 @@ def run_serve(args: argparse.Namespace) -> int:
     from lepton.engine.engine import Engine
     from lepton.entrypoints.server.api_server import build_app
 
+    try:   # before the model loads: a bad key setting fails at once
+        api_keys = _api_keys(args)
+    except ValueError as err:
+        print(f"lepton serve: {err}", file=sys.stderr)
+        return 2
     chat_template = None
     if args.chat_template:
         try:
@@ -70,7 +89,7 @@ def run_serve(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         engine = Engine(args.model, **engine_kwargs(args))
-        app = build_app(engine, served_model_name=args.served_model_name, api_keys=_api_keys(args),
+        app = build_app(engine, served_model_name=args.served_model_name, api_keys=api_keys,
                         chat_template=chat_template, max_body_bytes=args.max_body_bytes,
                         max_pending=args.max_pending, max_prompts=args.max_prompts, max_n=args.max_n,
                         max_logprobs=args.max_logprobs, max_stop=args.max_stop)

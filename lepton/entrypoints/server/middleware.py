@@ -1,4 +1,4 @@
-"""ASGI guards that run before any route: API keys and the request-body size limit.
+"""ASGI guards that run before any route: API keys, the request-body size limit and its media type.
 
 Written as plain ASGI (not Starlette's BaseHTTPMiddleware) so streaming responses and client
 disconnects pass through untouched.
@@ -20,6 +20,15 @@ async def _send_error(send, err: APIError, headers: list | None = None) -> None:
                 "headers": [(b"content-type", b"application/json"),
                             (b"content-length", str(len(body)).encode())] + (headers or [])})
     await send({"type": "http.response.body", "body": body})
+
+
+def _json_media_type(value: bytes | None) -> bool:
+    """A missing Content-Type is read as JSON (clients that send raw bytes); a declared one must be
+    application/json or a +json type (charset and other parameters allowed)."""
+    if value is None:
+        return True
+    media = value.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 
 
 class GuardMiddleware:
@@ -65,6 +74,10 @@ class GuardMiddleware:
             if not message.get("more_body", False):
                 break
         body, replayed = b"".join(chunks), False
+        if body and not _json_media_type(headers.get(b"content-type")):
+            return await _send_error(send, APIError(
+                415, "request bodies are JSON: send 'Content-Type: application/json' (got "
+                     f"{headers[b'content-type'].decode('latin-1')[:100]!r})"))
 
         async def replay():
             nonlocal replayed

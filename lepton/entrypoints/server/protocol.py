@@ -8,14 +8,24 @@ defaults, then OpenAI's.
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.entrypoints.server.errors import APIError
 
-TokenIds = list[int]
+
+def _not_a_bool(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1 for a number; JSON booleans are not numbers.
+    if isinstance(value, bool):
+        raise ValueError("expected a number, got a boolean")
+    return value
+
+
+Int = Annotated[int, BeforeValidator(_not_a_bool)]
+Float = Annotated[float, BeforeValidator(_not_a_bool)]
+TokenIds = list[Int]
 
 
 class StreamOptions(BaseModel):
@@ -26,30 +36,30 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
-    top_p: float | None = Field(default=None, gt=0, le=1)
-    top_k: int | None = None
-    min_p: float | None = Field(default=None, ge=0, le=1)
-    n: int = Field(default=1, ge=1)
+    max_tokens: Int | None = Field(default=None, ge=1)
+    temperature: Float | None = Field(default=None, ge=0)
+    top_p: Float | None = Field(default=None, gt=0, le=1)
+    top_k: Int | None = None
+    min_p: Float | None = Field(default=None, ge=0, le=1)
+    n: Int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
-    seed: int | None = Field(default=None, ge=0, lt=2**64)
+    stop_token_ids: list[Int] | None = None
+    seed: Int | None = Field(default=None, ge=0, lt=2**64)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
-    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
-    repetition_penalty: float | None = Field(default=None, gt=0)
-    logit_bias: dict[str, float] | None = None
+    presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: Float | None = Field(default=None, ge=-2, le=2)
+    repetition_penalty: Float | None = Field(default=None, gt=0)
+    logit_bias: dict[str, Float] | None = None
     ignore_eos: bool = False
-    min_tokens: int = Field(default=0, ge=0)
+    min_tokens: Int = Field(default=0, ge=0)
     user: str | None = None
     skip_special_tokens: bool = True
 
 
 class CompletionRequest(_Common):
     prompt: Union[str, list[str], TokenIds, list[TokenIds]]
-    logprobs: int | None = Field(default=None, ge=0)
+    logprobs: Int | None = Field(default=None, ge=0)
     echo: bool = False
 
 
@@ -62,9 +72,9 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0)
+    top_logprobs: Int | None = Field(default=None, ge=0)
     add_generation_prompt: bool = True
 
 
