@@ -1,8 +1,10 @@
 """Issue 13's guards, each against a real `lepton serve` process on loopback: an empty API key
-refuses to start, HEAD /health answers, a body declared as something other than JSON gets 415."""
+refuses to start, HEAD /health answers, a body declared as something other than JSON gets 415,
+a lone UTF-16 surrogate in any string field gets 400."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -55,3 +57,41 @@ def test_415_comes_after_the_key_check(server, http):
     with httpx.Client(base_url=server.url, timeout=30.0) as anonymous:
         assert anonymous.post(C, content=BODY, headers={"Content-Type": "text/plain"}).status_code == 401
     assert http.post(C, content=BODY, headers={"Content-Type": "text/plain", **auth(API_KEY)}).status_code == 415
+
+
+LONE = "a\ud800b"   # json.dumps writes it as the escape "\ud800" (ensure_ascii), as a client would send it
+SURROGATE_CASES = [
+    ("completion-prompt", C, {"model": MODEL_NAME, "prompt": LONE, "max_tokens": 2}),
+    ("completion-prompt-list", C, {"model": MODEL_NAME, "prompt": ["ok", LONE], "max_tokens": 2}),
+    ("completion-model", C, {"model": MODEL_NAME + "\udfff", "prompt": "ok", "max_tokens": 2}),
+    ("completion-stop", C, {"model": MODEL_NAME, "prompt": "ok", "max_tokens": 2, "stop": [LONE]}),
+    ("completion-user", C, {"model": MODEL_NAME, "prompt": "ok", "max_tokens": 2, "user": LONE}),
+    ("completion-logit-bias-key", C, {"model": MODEL_NAME, "prompt": "ok", "logit_bias": {"\udc05": 1}}),
+    ("chat-content", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": "user", "content": LONE}]}),
+    ("chat-content-part", "/v1/chat/completions",
+     {"model": MODEL_NAME, "messages": [{"role": "user", "content": [{"type": "text", "text": LONE}]}]}),
+    ("chat-role", "/v1/chat/completions", {"model": MODEL_NAME, "messages": [{"role": LONE, "content": "hi"}]}),
+    ("embeddings-input", "/v1/embeddings", {"model": MODEL_NAME, "input": [LONE]}),
+    ("tokenize-prompt", "/tokenize", {"model": MODEL_NAME, "prompt": LONE}),
+    ("tokenize-messages", "/tokenize", {"model": MODEL_NAME, "messages": [{"role": "user", "content": LONE}]}),
+    ("detokenize-model", "/detokenize", {"model": LONE, "tokens": [40]}),
+]
+
+
+@pytest.mark.parametrize("path,body", [c[1:] for c in SURROGATE_CASES], ids=[c[0] for c in SURROGATE_CASES])
+def test_a_lone_surrogate_is_400_and_the_connection_stays(server, http, path, body):
+    raw = json.dumps(body).encode()
+    assert b"\\ud8" in raw or b"\\udc" in raw or b"\\udf" in raw
+    err = assert_error(http.post(path, content=raw, headers={"Content-Type": "application/json"}), 400)
+    assert "surrogate" in err["message"]
+    ok = http.post(C, json={"model": MODEL_NAME, "prompt": "Hello", "max_tokens": 2})   # same keep-alive client
+    assert ok.status_code == 200
+
+
+def test_a_surrogate_pair_is_text(server, http):
+    """An escaped pair is one character (here an emoji): valid, and tokenized like the character."""
+    raw = json.dumps({"model": MODEL_NAME, "prompt": "hi \U0001F600"}).encode()
+    assert b"\\ud83d\\ude00" in raw
+    escaped = http.post("/tokenize", content=raw, headers={"Content-Type": "application/json"})
+    plain = http.post("/tokenize", json={"model": MODEL_NAME, "prompt": "hi \U0001F600"})
+    assert escaped.status_code == 200 and escaped.json() == plain.json()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.entrypoints.server.errors import APIError
@@ -28,13 +28,51 @@ Float = Annotated[float, BeforeValidator(_not_a_bool)]
 TokenIds = list[Int]
 
 
+def _surrogate_at(value: Any, where: str) -> str | None:
+    """Where in a parsed JSON value a string holds a lone UTF-16 surrogate ("\\ud800" escapes
+    without their pair): Python's json accepts them, but they are not Unicode text, and the
+    tokenizer, the detokenizer and the response encoder all fail on them. None when there is none."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            inner = f"{where}.{key}" if where else str(key)
+            if _surrogate_at(key, inner) is not None:
+                return f"a key of {where or 'the body'}"
+            found = _surrogate_at(item, inner)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _surrogate_at(item, f"{where}[{i}]")
+            if found is not None:
+                return found
+    return None
+
+
+class RequestBody(BaseModel):
+    """A route's JSON body: unknown fields ignored, and no string may hold a lone surrogate."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_lone_surrogates(cls, data: Any) -> Any:
+        where = _surrogate_at(data, "")
+        if where is not None:
+            raise ValueError(f"{where or 'the body'} holds a lone UTF-16 surrogate (an unpaired \\ud800-"
+                             f"\\udfff escape), which is not valid Unicode text")
+        return data
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _Common(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class _Common(RequestBody):
     model: str | None = None
     max_tokens: Int | None = Field(default=None, ge=1)
     temperature: Float | None = Field(default=None, ge=0)
@@ -78,18 +116,14 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
 
 
-class EmbeddingRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class EmbeddingRequest(RequestBody):
     model: str | None = None
     input: Union[str, list[str], TokenIds, list[TokenIds]]
     encoding_format: Literal["float", "base64"] = "float"
     user: str | None = None
 
 
-class TokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class TokenizeRequest(RequestBody):
     model: str | None = None
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
@@ -97,9 +131,7 @@ class TokenizeRequest(BaseModel):
     add_generation_prompt: bool = True
 
 
-class DetokenizeRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
+class DetokenizeRequest(RequestBody):
     model: str | None = None
     tokens: TokenIds
 
