@@ -116,6 +116,16 @@ def safetensors_files(path: Path) -> list[Path]:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{index} is not a valid safetensors index (needs 'weight_map'): {err}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to shard file names")
+        for name in sorted(set(weight_map.values())):
+            # A shard is a file of this folder: no absolute path, no '..', no subfolder escape
+            # (a downloaded index must not make the loader read files elsewhere on the machine).
+            shard = Path(name)
+            inside = (path / shard).resolve().is_relative_to(path.resolve())
+            if shard.is_absolute() or ".." in shard.parts or not inside:
+                raise ValueError(f"{index}: shard {name!r} is outside the model folder; shard names must "
+                                 "be file names inside it")
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:

@@ -222,3 +222,13 @@ def test_quantized_engine_matches_the_eager_quant_path_and_stays_close_to_float(
     ref = Engine(path, device="cpu").forward(TEXTS)["logits"]
     err = ((logits - ref).norm(dim=-1) / ref.norm(dim=-1)).max()
     assert bound / 50 < err < bound      # quantized (not a float model in disguise), yet close
+
+
+@pytest.mark.parametrize("shard", ["../outside.safetensors", "/etc/outside.safetensors", "sub/../../x.safetensors"])
+def test_index_shards_stay_inside_the_model_folder(tmp_path, shard):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (tmp_path / "outside.safetensors").write_bytes(b"")   # present, so only the path rule can refuse it
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"w": shard}}))
+    with pytest.raises(ValueError, match="outside the model folder"):
+        safetensors_files(folder)

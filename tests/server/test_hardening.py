@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -95,3 +96,20 @@ def test_a_surrogate_pair_is_text(server, http):
     escaped = http.post("/tokenize", content=raw, headers={"Content-Type": "application/json"})
     plain = http.post("/tokenize", json={"model": MODEL_NAME, "prompt": "hi \U0001F600"})
     assert escaped.status_code == 200 and escaped.json() == plain.json()
+
+
+def test_a_shard_outside_the_model_folder_refuses_to_start(model_dir, tmp_path):
+    """lepton serve on a folder whose index names '../' shards: one error line naming the index,
+    exit 1, and no file outside the folder read."""
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    for shard in folder.glob("*.safetensors"):
+        shard.rename(tmp_path / shard.name)   # the weights now sit one level up
+    names = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    (folder / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {f"t{i}": f"../{name}" for i, name in enumerate(names)}}))
+    environ = {k: v for k, v in os.environ.items() if k != "LEPTON_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "lepton", "serve", str(folder), "--port", "1"],
+                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "outside the model folder" in proc.stderr and "Traceback" not in proc.stderr

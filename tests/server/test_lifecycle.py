@@ -91,6 +91,16 @@ def test_tokenizer_chat_template(server2, tokenizer):
     assert resp.json()["tokens"] == chat_ids(tokenizer, MESSAGES)
 
 
+def test_more_prompts_than_max_pending_is_413_not_429(server2, name2):
+    """A request that could never be queued whole is refused for good, not told to retry."""
+    with httpx.Client(base_url=server2.url, headers=auth(ENV_KEYS[0]), timeout=60) as c:
+        resp = c.post("/v1/completions", json={"model": name2, "prompt": ["a"] * (MAX_PENDING + 1), "max_tokens": 1})
+        err = assert_error(resp, 413)
+        assert str(MAX_PENDING) in err["message"] and "--max-pending" in err["message"]
+        ok = c.post("/v1/completions", json={"model": name2, "prompt": ["a"] * MAX_PENDING, "max_tokens": 1})
+        assert ok.status_code == 200, ok.text[:300]
+
+
 def test_429_past_max_pending(server2, name2):
     async def one(ac):
         return await ac.post("/v1/completions", json={"model": name2, "prompt": "The quick brown fox",

@@ -54,8 +54,12 @@ class ServerState:
         return self.async_engine
 
     def submit(self, requests) -> list:
-        """Queue the requests on the engine now (429 past max_pending), so the next request's
+        """Queue the requests on the engine now (429 past max_pending; 413 for a request that alone
+        holds more prompts than max_pending, which no retry would cure), so the next request's
         check already counts them; returns their output queues."""
+        if len(requests) > self.limits["max_pending"]:   # could never fit: not a "retry later"
+            raise APIError(413, f"this request holds {len(requests)} prompts, more than the server queues at "
+                                f"once ({self.limits['max_pending']}, --max-pending); split it")
         if self.async_engine.num_waiting() + len(requests) > self.limits["max_pending"]:
             raise APIError(429, f"too many requests queued (limit {self.limits['max_pending']}); retry later")
         try:
