@@ -28,6 +28,7 @@ from typing import Iterator
 import torch
 
 from lepton.model_executor import models
+from lepton.model_executor.config_checks import check_config
 from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ def read_config(path: Path) -> dict:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{file} must hold a JSON object")
+    check_config(file, config)
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):
         raise ValueError(f"{file} has no 'architectures' list, so the model class is unknown; add e.g. "

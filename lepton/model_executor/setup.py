@@ -11,6 +11,7 @@ import torch
 
 from lepton.config import EngineConfig, model_max_len, resolve_dtype
 from lepton.model_executor.kv_cache import KVCache, blocks_needed, cpu_cache_bytes, gpu_cache_bytes
+from lepton.model_executor.config_checks import read_generation_config
 from lepton.model_executor.layers.linear import quantization_plan, quantize_lm_head
 from lepton.model_executor.pooling import Pooler
 from lepton.engine.sampler import sample_batch
@@ -109,7 +110,8 @@ def make_pooler(model, path: Path) -> Pooler | None:
 
 def eos_token_ids(path: Path, hf_config: dict, tokenizer) -> set[int]:
     """End-of-sequence ids: generation_config.json's (else config.json's) plus the tokenizer's."""
-    value = _read_json(path / "generation_config.json").get("eos_token_id", hf_config.get("eos_token_id"))
+    # read_generation_config checks the file: a bad default fails here, at startup
+    value = read_generation_config(path).get("eos_token_id", hf_config.get("eos_token_id"))
     ids = set(value if isinstance(value, list) else [] if value is None else [value])
     if tokenizer is not None and tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)

@@ -113,3 +113,22 @@ def test_a_shard_outside_the_model_folder_refuses_to_start(model_dir, tmp_path):
                           cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "outside the model folder" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("file,field,value", [("config.json", "hidden_size", "64"), ("config.json", "num_hidden_layers", 0),
+                                              ("config.json", "vocab_size", 1e10), ("config.json", "eos_token_id", "abc"),
+                                              ("generation_config.json", "top_p", 7)])
+def test_a_bad_model_file_fails_at_startup_with_one_line(model_dir, tmp_path, file, field, value):
+    folder = tmp_path / "model"
+    shutil.copytree(model_dir, folder)
+    path = folder / file
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[field] = value
+    path.write_text(json.dumps(data))
+    environ = {k: v for k, v in os.environ.items() if k != "LEPTON_API_KEY"}
+    proc = subprocess.run([sys.executable, "-m", "lepton", "serve", str(folder), "--port", "1"],
+                          cwd=REPO, env=environ, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("lepton serve:")]
+    assert len(errors) == 1 and file in errors[0] and f"'{field}'" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr

@@ -4,7 +4,6 @@ limit checks, tokenization, and running requests on the AsyncEngine (streamed or
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 from fastapi import Request
@@ -16,16 +15,14 @@ from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.metrics import ServerMetrics
 from lepton.entrypoints.server.protocol import message_dicts
 from lepton.entrypoints.server.responses import SSE_DONE, ResponseBuilder, sse
+from lepton.model_executor.config_checks import read_generation_config
 
 DEFAULT_LIMITS = dict(max_n=16, max_logprobs=20, max_stop=16, max_prompts=256, max_pending=1024)
 
 
 def _generation_defaults(path: Path) -> dict:
-    try:
-        data = json.loads((path / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    # Checked when the engine loaded (a bad default fails at startup, not on every request).
+    return read_generation_config(path)
 
 
 class ServerState:
