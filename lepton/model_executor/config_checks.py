@@ -75,17 +75,23 @@ GENERATION_RANGES = {   # field -> (check, what it must be)
 }
 
 
-def read_generation_config(path: Path) -> dict:
-    """generation_config.json of a model folder, checked ({} when the folder has none)."""
-    file = path / "generation_config.json"
-    if not file.is_file():
-        return {}
+def read_json_object(file: Path) -> dict:
+    """A model folder's JSON file as a dict; ValueError naming the file when it is not one."""
     try:
         data = json.loads(file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{file} is not valid JSON: {err}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{file} must hold a JSON object")
+    return data
+
+
+def read_generation_config(path: Path) -> dict:
+    """generation_config.json of a model folder, checked ({} when the folder has none)."""
+    file = path / "generation_config.json"
+    if not file.is_file():
+        return {}
+    data = read_json_object(file)
     for field, (ok, expected) in GENERATION_RANGES.items():
         value = data.get(field)
         if value is not None and not ok(value):

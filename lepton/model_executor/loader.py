@@ -28,7 +28,7 @@ from typing import Iterator
 import torch
 
 from lepton.model_executor import models
-from lepton.model_executor.config_checks import check_config
+from lepton.model_executor.config_checks import check_config, read_json_object
 from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
 
 logger = logging.getLogger(__name__)
@@ -95,12 +95,7 @@ def read_config(path: Path) -> dict:
     file = path / "config.json"
     if not file.is_file():
         raise FileNotFoundError(f"{path} has no config.json (is it a Hugging Face checkpoint folder?)")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{file} is not valid JSON: {err}") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{file} must hold a JSON object")
+    config = read_json_object(file)
     check_config(file, config)
     archs = config.get("architectures")
     if not archs or not isinstance(archs, list) or not isinstance(archs[0], str):

@@ -11,6 +11,7 @@ from lepton_kernels.cpu_kernels import jit_build
 from lepton_kernels.cpu_kernels import quant_matmul as cpu
 from lepton_kernels.ops.quant_matmul import prepare_quantized
 from lepton_kernels.ops.quantize import QuantizedWeight
+from tests.kernels.test_quant_matmul import poisoned_empty, run  # noqa: F401 (poisoned_empty: a fixture)
 
 pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"cpu kernels: {cpu.available()}")
 FORMATS = {"int8": (8, None), "int4_g32": (4, 32), "int4_g64": (4, 64), "int4_g128": (4, 128)}
@@ -29,23 +30,6 @@ def reference_weight(qw) -> torch.Tensor:
     q = torch.stack([(words >> (4 * s)) & 15 for s in range(8)], dim=-1).view(n, k)
     groups = torch.arange(k) // qw.group_size
     return (q.double() - qw.zeros.double()[:, groups]) * qw.scales.double()[:, groups]
-
-
-@pytest.fixture
-def poisoned_empty(monkeypatch):
-    """torch.empty returns NaN-filled floats, so an output element the kernel never writes fails."""
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
-
-
-def run(impl, x, qw, bias=None):
-    with lepton_kernels.use(quant_matmul=impl):
-        return lepton_kernels.quant_matmul(x, qw, bias)
 
 
 # M 1 and 7 take the register-tiled kernel's 1 x 8 tiles, 33 its 4 x 4 tiles plus one 1 x 8 row,
