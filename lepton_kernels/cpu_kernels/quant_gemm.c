@@ -1,24 +1,28 @@
 /* Weight-only quantized matmul on the CPU: y[M, N] = x[M, K] @ W'^T (+ bias), float32.
  *
- * W' is dequantized in registers (float32) as lepton_kernels/ops/quantize.py's dequantize does,
- * never in memory (int8 applies its per-row scale to the row's sum instead, see tile_int8):
- *   int8:  W'[n, k] = q[n, k] * scales[n]                    q int8 [N, K] (the canonical layout)
- *   int4:  W'[n, k] = (q[n, k] - zeros[n, j]) * scales[n, j]  j = k / group_size
+ * W' is lepton_kernels/ops/quantize.py's dequantize, computed on the canonical packed layout:
+ *   int8:  W'[n, k] = q[n, k] * s[n]                      q int8 [N, K]
+ *   int4:  W'[n, k] = (q[n, k] - z[n, j]) * s[n, j]        j = k / group_size
  * int4 reads the canonical packed words as bytes: byte b of a row holds input 2b in its low
  * nibble and 2b + 1 in its high one, so one 16-byte load gives the 16 even and the 16 odd inputs
- * of a block of 32 with a mask and a shift. To match, lk_quant_gemm_int4 first copies x into a
- * scratch with the columns of each block of 32 reordered (evens, then odds): M x K floats per
- * call instead of a repacked copy of the weight. zeros arrive as float32 (converted once, at
- * prepare time).
+ * of a block of BLOCK_K = 32 with a mask and a shift. To match, lk_quant_gemm_int4 first copies x
+ * into a scratch with the columns of each block reordered (evens, then odds): M x K floats per
+ * call instead of a repacked copy of the weight. z arrives as float32 (converted at prepare time).
  *
- * Blocking: a tile of NB output rows x MB input rows keeps MB * NB accumulators of LANES = 16
- * floats (one AVX-512 register each), so each dequantized weight vector feeds MB rows of x and
- * each x vector NB rows of W: 4 x 4 while 4 rows of x remain, else 1 x 8 (decode: eight
- * independent FMA chains hide the FMA latency, and no lane works on a duplicated row). Decode
- * (M = 1) streams the packed weight once, which is the point: 1 or 1/2 byte per weight instead
- * of 4. Threads (OpenMP, the runtime torch already loaded) split the output rows in blocks of 8.
- * Edge tiles point their missing rows at the tile's first row and drop those results, so one
- * kernel serves every shape.
+ * Two paths, both blocked so every value sits in a register while it is reused:
+ * - decode (M < TILE_MB): each weight is converted in registers and used once per row of x, so
+ *   the packed weight streams from memory once per row: 1 or 1/2 byte per weight instead of 4.
+ *   Tiles of 1 x NB rows keep NB independent FMA chains. int8 multiplies a row's sum by s[n]
+ *   once: s * sum(x q). int4 sums x q per group and folds the group in with its scale and zero:
+ *   sum_j s_j * (sum_{k in j} x_k q_k - z_j * sum_{k in j} x_k), the per-group sums of x
+ *   computed once per call; the inner loop is then a widen, a convert and an FMA per weight.
+ * - batched (M >= TILE_MB): each thread dequantizes a block of N_BLOCK weight rows into a float
+ *   scratch (L1/L2-resident), then runs TILE_MB x TILE_NB float tiles over it: the conversion
+ *   is paid once per weight, not once per row of x, and the inner loop is loads and FMAs only.
+ * Threads (OpenMP, the runtime torch already loaded) split the output rows in blocks of
+ * N_BLOCK. Edge tiles point their missing rows at the tile's first row and drop those results.
+ * Every path is a float32 dot product of the same values, so results differ from the eager
+ * spec by float32 rounding only.
  * This file has no Python or torch dependency: it is compiled on first use with the system C
  * compiler for the host CPU (-march=native).
  */
@@ -26,37 +30,81 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* LANES floats per vector, the widest the target has; each tile keeps MB * NB accumulators plus
+ * NB dequantized weight vectors and one x vector in registers, so its size follows the register
+ * file: 32 vector registers on AVX-512 (4 x 4 tiles), 16 on AVX2 and SSE (6 x 2: twelve
+ * accumulators; each weight vector, converted once, feeds six rows of x, which pays for the
+ * conversion). Decode tiles are 1 x 8 everywhere: eight independent FMA chains. */
+#if defined(__AVX512F__)
 #define LANES 16
-#define N_BLOCK 8    /* output rows per thread work item: one 1 x 8 tile or two 4 x 4 tiles */
+#define TILE_MB 4
+#define TILE_NB 4
+#define DECODE_NB4 8   /* int4 decode tile: two accumulators per row */
+#elif defined(__AVX__)
+#define LANES 8
+#define TILE_MB 6
+#define TILE_NB 2
+#define DECODE_NB4 4
+#else
+#define LANES 4
+#define TILE_MB 6
+#define TILE_NB 2
+#define DECODE_NB4 4
+#endif
+#define N_BLOCK 8    /* output rows per thread work item */
+#define BLOCK_K 32   /* int4: inputs per block of 16 packed bytes */
 /* Tile arrays are sized for the largest tile (a variable size would make them VLAs, kept on
  * the stack); inlined with constant MB and NB, the unused entries vanish. */
-#define MB_MAX 4
+#define MB_MAX 6
 #define NB_MAX 8
 
-/* GCC/Clang vector extensions: 16 lanes, lowered to AVX-512, AVX2 or SSE, whatever -march gives. */
-typedef float v16f __attribute__((vector_size(64)));
-typedef uint8_t v16u8 __attribute__((vector_size(16)));
-typedef int32_t v16i32 __attribute__((vector_size(64)));
+/* GCC/Clang vector extensions, lowered to AVX-512, AVX2, SSE or NEON, whatever -march gives. */
+typedef float vf __attribute__((vector_size(4 * LANES)));
+typedef uint8_t vu8 __attribute__((vector_size(LANES)));
+typedef int32_t vi32 __attribute__((vector_size(4 * LANES)));
 
 #define INLINE static inline __attribute__((always_inline))
 
-INLINE v16f load_f(const float *p) { v16f v; memcpy(&v, p, sizeof v); return v; }
-INLINE v16f splat(float s) { return (v16f){0} + s; }
-/* Bytes widen to int32 before the float conversion: a direct byte -> float conversion is
- * lowered one lane at a time. */
-INLINE v16f uint8_to_f(v16u8 b) { return __builtin_convertvector(__builtin_convertvector(b, v16i32), v16f); }
-#ifdef __AVX512F__
+INLINE vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
+INLINE vf splat(float s) { return (vf){0} + s; }
+INLINE float hsum(vf v) { float s = 0.f; for (int l = 0; l < LANES; l++) s += v[l]; return s; }
+#if defined(__AVX512F__) || defined(__AVX2__)
 #include <immintrin.h>
-/* 16 int8 -> float (gcc 12 lowers the generic sign extension one lane at a time). */
-INLINE v16f int8_to_f(const int8_t *p) {
-    return (v16f)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#endif
+/* LANES bytes, zero-extended to int32 lanes. gcc 12 lowers the generic conversion of a vector
+ * narrower than 16 bytes one lane at a time, so x86 gets the instruction itself. */
+#if defined(__AVX512F__)
+INLINE vi32 widen_u8(const uint8_t *p) { return (vi32)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
+#elif defined(__AVX2__)
+INLINE vi32 widen_u8(const uint8_t *p) { return (vi32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
+#else
+INLINE vi32 widen_u8(const uint8_t *p) {
+    vu8 v;
+    memcpy(&v, p, sizeof v);
+    return __builtin_convertvector(v, vi32);
+}
+#endif
+/* LANES packed bytes -> their low and high nibbles as floats (the shift on int32 lanes: x86 has
+ * no byte shift). */
+INLINE void nibbles_to_f(const uint8_t *p, vf *lo, vf *hi) {
+    vi32 wide = widen_u8(p);
+    *lo = __builtin_convertvector(wide & 15, vf);
+    *hi = __builtin_convertvector(wide >> 4, vf);
+}
+/* LANES int8 -> float (gcc 12 lowers the generic sign extension one lane at a time). */
+#if defined(__AVX512F__)
+INLINE vf int8_to_f(const int8_t *p) {
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+}
+#elif defined(__AVX2__)
+INLINE vf int8_to_f(const int8_t *p) {
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
 }
 #else
-/* Portable: u = q + 128 as unsigned bytes, widened and converted, minus 128 (exact). */
-INLINE v16f int8_to_f(const int8_t *p) {
-    v16u8 u;
-    memcpy(&u, p, sizeof u);
-    return uint8_to_f(u ^ (uint8_t)0x80) - 128.f;
+/* Portable: the bytes widened unsigned, then 256 taken off the negative ones (exact). */
+INLINE vf int8_to_f(const int8_t *p) {
+    vi32 u = widen_u8((const uint8_t *)p);
+    return __builtin_convertvector(u - ((u >> 7) << 8), vf);
 }
 #endif
 
@@ -68,131 +116,244 @@ typedef struct {
 } io_t;
 
 /* Row pointers of a tile; rows past the edge point at its first row (results dropped). */
-#define TILE_ROWS(MB, NB, m0, n0)                                                        \
-    const float *xr[MB_MAX];                                                             \
-    int64_t nr[NB_MAX];                                                                  \
-    for (int i = 0; i < MB; i++) xr[i] = io->x + (m0 + i < io->M ? m0 + i : m0) * io->ldx;\
-    for (int r = 0; r < NB; r++) nr[r] = n0 + r < io->N ? n0 + r : n0;                   \
-    v16f acc[MB_MAX][NB_MAX];                                                            \
-    for (int i = 0; i < MB; i++)                                                         \
-        for (int r = 0; r < NB; r++) acc[i][r] = splat(0.f);
+#define TILE_ROWS(MB, NB, m0, n0)                                                          \
+    const float *xr[MB_MAX];                                                               \
+    int64_t nr[NB_MAX];                                                                    \
+    float tail[MB_MAX][NB_MAX];                                                            \
+    for (int i = 0; i < MB; i++) xr[i] = io->x + (m0 + i < io->M ? m0 + i : m0) * io->ldx; \
+    for (int r = 0; r < NB; r++) nr[r] = n0 + r < io->N ? n0 + r : n0;                     \
+    for (int i = 0; i < MB; i++)                                                           \
+        for (int r = 0; r < NB; r++) tail[i][r] = 0.f;
 
-/* y = (lane sums + tail) [* row_scale] [+ bias] for the tile's rows inside y. A macro, not a
- * function: taking the accumulators' address would keep them in memory instead of registers. */
+/* tail += the lane sums of acc. Macros, not functions: taking the accumulators' address would
+ * keep them in memory instead of registers. */
+#define ADD_LANES(MB, NB, acc)                                                             \
+    for (int i = 0; i < MB; i++)                                                           \
+        for (int r = 0; r < NB; r++) tail[i][r] += hsum(acc[i][r]);
+
+/* y = tail [* row_scale] [+ bias] for the tile's entries inside y. */
 #define STORE_TILE(MB, NB, m0, n0, row_scale)                                              \
     for (int i = 0; i < MB; i++)                                                           \
         for (int r = 0; r < NB; r++) {                                                     \
             if (m0 + i >= io->M || n0 + r >= io->N) continue;                              \
             float sum = tail[i][r];                                                        \
-            for (int l = 0; l < LANES; l++) sum += acc[i][r][l];                           \
             if (row_scale) sum *= ((const float *)row_scale)[n0 + r];                      \
             if (io->bias) sum += io->bias[n0 + r];                                         \
             io->y[(m0 + i) * io->ldy + n0 + r] = sum;                                      \
         }
 
-/* One MB x NB tile of y for int8 weights q [N, K], scales [N]: the scale is constant along a
- * row, so it multiplies the row's sum once (s * sum x q, not sum x (q s): the same up to float32
- * rounding, and one multiply per output instead of one per weight). */
-INLINE void tile_int8(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
-                      const int8_t *q, const float *scales) {
+/* Decode: one 1 x NB tile of y for int8 weights q [N, K], scales [N], converted in registers. */
+INLINE void decode_int8(const io_t *io, int64_t m0, int64_t n0, const int NB, const int8_t *q,
+                        const float *scales) {
     int64_t K = io->K;
-    TILE_ROWS(MB, NB, m0, n0)
+    TILE_ROWS(1, NB, m0, n0)
     const int8_t *qr[NB_MAX];
-    float tail[MB_MAX][NB_MAX];
-    for (int r = 0; r < NB; r++) qr[r] = q + nr[r] * K;
-    for (int i = 0; i < MB; i++)
-        for (int r = 0; r < NB; r++) tail[i][r] = 0.f;
+    vf acc[MB_MAX][NB_MAX];
+    for (int r = 0; r < NB; r++) {
+        qr[r] = q + nr[r] * K;
+        acc[0][r] = splat(0.f);
+    }
     int64_t k = 0;
     for (; k + LANES <= K; k += LANES) {
-        v16f w[NB_MAX];
-        for (int r = 0; r < NB; r++) w[r] = int8_to_f(qr[r] + k);
-        for (int i = 0; i < MB; i++) {
-            v16f xv = load_f(xr[i] + k);
-            for (int r = 0; r < NB; r++) acc[i][r] += xv * w[r];
-        }
+        vf xv = load_f(xr[0] + k);
+        for (int r = 0; r < NB; r++) acc[0][r] += xv * int8_to_f(qr[r] + k);
     }
-    for (; k < K; k++)   /* K not a multiple of 16 */
-        for (int i = 0; i < MB; i++)
-            for (int r = 0; r < NB; r++) tail[i][r] += xr[i][k] * (float)qr[r][k];
-    STORE_TILE(MB, NB, m0, n0, scales)
+    for (; k < K; k++)   /* K not a multiple of LANES */
+        for (int r = 0; r < NB; r++) tail[0][r] += xr[0][k] * (float)qr[r][k];
+    ADD_LANES(1, NB, acc)
+    STORE_TILE(1, NB, m0, n0, scales)
 }
 
-/* One MB x NB tile of y for int4 weights (K a multiple of group_size, itself of 32); x's
- * columns are in block order (see the top of the file). */
-INLINE void tile_int4(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
-                      const uint8_t *packed, const float *scales, const float *zeros,
-                      int64_t group_size) {
+/* Decode: one 1 x NB tile of y for int4 weights (K a multiple of group_size, itself of
+ * BLOCK_K); x in block order, xsum[j] = the sum of x's row over group j. */
+INLINE void decode_int4(const io_t *io, int64_t m0, int64_t n0, const int NB, const uint8_t *packed,
+                        const float *scales, const float *zeros, int64_t group_size,
+                        const float *xsum) {
     int64_t K = io->K, groups = K / group_size;
-    TILE_ROWS(MB, NB, m0, n0)
+    TILE_ROWS(1, NB, m0, n0)
     const uint8_t *pr[NB_MAX];
-    const float *sr[NB_MAX], *zr[NB_MAX];
-    float tail[MB_MAX][NB_MAX];
-    for (int r = 0; r < NB; r++) {
-        pr[r] = packed + nr[r] * (K / 2);
-        sr[r] = scales + nr[r] * groups;
-        zr[r] = zeros + nr[r] * groups;
-    }
-    for (int i = 0; i < MB; i++)
-        for (int r = 0; r < NB; r++) tail[i][r] = 0.f;   /* (K has no tail for int4) */
-    const v16u8 low = (v16u8){0} + 15;
-    for (int64_t k = 0; k < K; k += 2 * LANES) {
-        int64_t j = k / group_size;
-        v16f lo[NB_MAX], hi[NB_MAX];
-        for (int r = 0; r < NB; r++) {
-            v16u8 b;
-            memcpy(&b, pr[r] + k / 2, sizeof b);
-            v16f z = splat(zr[r][j]);
-            float s = sr[r][j];
-            lo[r] = (uint8_to_f(b & low) - z) * s;
-            hi[r] = (uint8_to_f(b >> 4) - z) * s;
+    for (int r = 0; r < NB; r++) pr[r] = packed + nr[r] * (K / 2);
+    const float *xs = xsum + (m0 < io->M ? m0 : 0) * groups;
+    vf acc[MB_MAX][NB_MAX];
+    for (int r = 0; r < NB; r++) acc[0][r] = splat(0.f);
+    for (int64_t j = 0; j < groups; j++) {
+        vf even[NB_MAX], odd[NB_MAX];   /* sum x q over the group: two chains per row */
+        for (int r = 0; r < NB; r++) even[r] = odd[r] = splat(0.f);
+        for (int64_t k = j * group_size; k < (j + 1) * group_size; k += BLOCK_K)
+            for (int h = 0; h < BLOCK_K / 2; h += LANES) {
+                vf xe = load_f(xr[0] + k + h), xo = load_f(xr[0] + k + BLOCK_K / 2 + h);
+                for (int r = 0; r < NB; r++) {
+                    vf lo, hi;
+                    nibbles_to_f(pr[r] + k / 2 + h, &lo, &hi);
+                    even[r] += xe * lo;
+                    odd[r] += xo * hi;
+                }
+            }
+        for (int r = 0; r < NB; r++) {   /* lanes fold into acc; the zero term is a scalar */
+            float s = scales[nr[r] * groups + j], z = zeros[nr[r] * groups + j];
+            acc[0][r] += (even[r] + odd[r]) * s;
+            tail[0][r] -= s * z * xs[j];
         }
+    }
+    ADD_LANES(1, NB, acc)
+    STORE_TILE(1, NB, m0, n0, NULL)
+}
+
+/* Batched: one MB x NB tile of y over float weight rows w (K floats apart; w[0] is row n0). */
+INLINE void tile_f32(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
+                     const float *w, const float *row_scale) {
+    int64_t K = io->K;
+    TILE_ROWS(MB, NB, m0, n0)
+    const float *wr[NB_MAX];
+    vf acc[MB_MAX][NB_MAX];
+    for (int r = 0; r < NB; r++) wr[r] = w + (nr[r] - n0) * K;
+    for (int i = 0; i < MB; i++)
+        for (int r = 0; r < NB; r++) acc[i][r] = splat(0.f);
+    int64_t k = 0;
+    for (; k + LANES <= K; k += LANES) {
+        vf wv[NB_MAX];
+        for (int r = 0; r < NB; r++) wv[r] = load_f(wr[r] + k);
         for (int i = 0; i < MB; i++) {
-            v16f xlo = load_f(xr[i] + k), xhi = load_f(xr[i] + k + LANES);   /* evens, odds */
-            for (int r = 0; r < NB; r++) {   /* two statements: two fused multiply-adds */
-                acc[i][r] += xlo * lo[r];
-                acc[i][r] += xhi * hi[r];
+            vf xv = load_f(xr[i] + k);
+            for (int r = 0; r < NB; r++) acc[i][r] += xv * wv[r];
+        }
+    }
+    for (; k < K; k++)
+        for (int i = 0; i < MB; i++)
+            for (int r = 0; r < NB; r++) tail[i][r] += xr[i][k] * wr[r][k];
+    ADD_LANES(MB, NB, acc)
+    STORE_TILE(MB, NB, m0, n0, row_scale)
+}
+
+/* Rows [n0, n0 + rows) of the weight as floats, K apart. int8: q itself (the scale multiplies
+ * the sums); int4: (q - z) * s in x's block order. */
+static void dequant_rows_int8(const int8_t *q, int64_t K, int64_t n0, int rows, float *w) {
+    for (int r = 0; r < rows; r++) {
+        const int8_t *row = q + (n0 + r) * K;
+        int64_t k = 0;
+        for (; k + LANES <= K; k += LANES) {
+            vf v = int8_to_f(row + k);
+            memcpy(w + r * K + k, &v, sizeof v);
+        }
+        for (; k < K; k++) w[r * K + k] = (float)row[k];
+    }
+}
+
+static void dequant_rows_int4(const uint8_t *packed, const float *scales, const float *zeros,
+                              int64_t group_size, int64_t K, int64_t n0, int rows, float *w) {
+    int64_t groups = K / group_size;
+    for (int r = 0; r < rows; r++)
+        for (int64_t k = 0; k < K; k += BLOCK_K) {
+            const uint8_t *b = packed + (n0 + r) * (K / 2) + k / 2;
+            float s = scales[(n0 + r) * groups + k / group_size];
+            float z = zeros[(n0 + r) * groups + k / group_size];
+            float *out = w + r * K + k;
+            for (int h = 0; h < BLOCK_K / 2; h += LANES) {
+                vf lo, hi;
+                nibbles_to_f(b + h, &lo, &hi);
+                lo = (lo - z) * s;
+                hi = (hi - z) * s;
+                memcpy(out + h, &lo, sizeof lo);
+                memcpy(out + BLOCK_K / 2 + h, &hi, sizeof hi);
             }
         }
-    }
-    STORE_TILE(MB, NB, m0, n0, NULL)
 }
 
-/* Threads take blocks of N_BLOCK output rows; in a block, 4 x 4 tiles while 4 rows of x remain,
- * then 1 x 8 tiles row by row. */
-#define TILE_LOOP(TILE, ...)                                                               \
+/* The batched path: each thread dequantizes N_BLOCK rows into its scratch, then tiles over it;
+ * the last M % TILE_MB rows of x take narrower tiles. Returns -1 when a scratch cannot be had. */
+#define BATCHED(DEQUANT, row_scale)                                                        \
+    int failed = 0;                                                                        \
+    int64_t blocks = (io.N + N_BLOCK - 1) / N_BLOCK;                                       \
+    _Pragma("omp parallel if (io.N * io.K * io.M > 65536)")                                \
+    {                                                                                      \
+        float *w = malloc((size_t)(N_BLOCK * io.K) * sizeof(float));                       \
+        if (!w) {                                                                          \
+            _Pragma("omp atomic write")                                                    \
+            failed = 1;                                                                    \
+        }                                                                                  \
+        _Pragma("omp for schedule(static)")                                                \
+        for (int64_t b = 0; b < blocks; b++) {                                             \
+            if (!w) continue;                                                              \
+            int64_t n0 = b * N_BLOCK, m0 = 0;                                              \
+            int rows = io.N - n0 < N_BLOCK ? (int)(io.N - n0) : N_BLOCK;                   \
+            DEQUANT;                                                                       \
+            /* ceil(M / TILE_MB) row tiles of near-equal size: M = 8 runs as 4 + 4, not 6 + 2 */ \
+            int64_t tiles = (io.M + TILE_MB - 1) / TILE_MB;                                \
+            for (int64_t t = 0; t < tiles; t++) {                                          \
+                int mb = (int)(io.M / tiles + (t < io.M % tiles));                         \
+                for (int64_t n = n0; n < n0 + rows; n += TILE_NB) {                        \
+                    const float *wn = w + (n - n0) * io.K;                                 \
+                    switch (mb) {   /* constant tile sizes: accumulators in registers */   \
+                    case 1: tile_f32(&io, m0, n, 1, TILE_NB, wn, row_scale); break;        \
+                    case 2: tile_f32(&io, m0, n, 2, TILE_NB, wn, row_scale); break;        \
+                    case 3: tile_f32(&io, m0, n, 3, TILE_NB, wn, row_scale); break;        \
+                    case 4: tile_f32(&io, m0, n, 4, TILE_NB, wn, row_scale); break;        \
+                    case 5: tile_f32(&io, m0, n, 5, TILE_NB, wn, row_scale); break;        \
+                    default: tile_f32(&io, m0, n, TILE_MB, TILE_NB, wn, row_scale); break; \
+                    }                                                                      \
+                }                                                                          \
+                m0 += mb;                                                                  \
+            }                                                                              \
+        }                                                                                  \
+        free(w);                                                                           \
+    }                                                                                      \
+    return failed ? -1 : 0;
+
+/* Decode rows of x one at a time, threads over blocks of N_BLOCK output rows. */
+#define DECODE(TILE, NB, ...)                                                              \
     int64_t blocks = (io.N + N_BLOCK - 1) / N_BLOCK;                                       \
     _Pragma("omp parallel for schedule(static) if (io.N * io.K * io.M > 65536)")           \
-    for (int64_t b = 0; b < blocks; b++) {                                                 \
-        int64_t n0 = b * N_BLOCK, m0 = 0;                                                  \
-        for (; m0 + 4 <= io.M; m0 += 4) {                                                  \
-            TILE(&io, m0, n0, 4, 4, __VA_ARGS__);                                          \
-            if (n0 + 4 < io.N) TILE(&io, m0, n0 + 4, 4, 4, __VA_ARGS__);                   \
-        }                                                                                  \
-        for (; m0 < io.M; m0++) TILE(&io, m0, n0, 1, 8, __VA_ARGS__);                      \
-    }
+    for (int64_t b = 0; b < blocks; b++)                                                   \
+        for (int64_t m = 0; m < io.M; m++)                                                 \
+            for (int64_t n = b * N_BLOCK; n < (b + 1) * N_BLOCK && n < io.N; n += NB)      \
+                TILE(&io, m, n, NB, __VA_ARGS__);
 
-void lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q,
-                        const float *scales, const float *bias, float *y, int64_t N) {
+/* y = x @ W'^T (+ bias) for int8 W'. Returns 0, or -1 when a scratch cannot be allocated. */
+int lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q,
+                       const float *scales, const float *bias, float *y, int64_t N) {
     io_t io = {x, K, y, N, bias, M, N, K};
-    TILE_LOOP(tile_int8, q, scales)
+    if (M < TILE_MB) {
+        DECODE(decode_int8, 8, q, scales)
+        return 0;
+    }
+    BATCHED(dequant_rows_int8(q, io.K, n0, rows, w), scales)
 }
 
-/* y = x @ W'^T (+ bias) for int4 W'. Returns 0, or -1 when the scratch cannot be allocated. */
+static int lk_int4_batched(const io_t *iop, const uint8_t *packed, const float *scales,
+                           const float *zeros, int64_t group_size) {
+    io_t io = *iop;
+    BATCHED(dequant_rows_int4(packed, scales, zeros, group_size, io.K, n0, rows, w), NULL)
+}
+
+/* y = x @ W'^T (+ bias) for int4 W'. Returns 0, or -1 when a scratch cannot be allocated. */
 int lk_quant_gemm_int4(const float *x, int64_t M, int64_t K, const uint8_t *packed,
                        const float *scales, const float *zeros, int64_t group_size,
                        const float *bias, float *y, int64_t N) {
-    float *xb = malloc((size_t)(M * K) * sizeof(float));   /* x with columns in block order */
+    int64_t groups = K / group_size;
+    /* x with columns in block order, then (decode) its per-group sums */
+    float *xb = malloc((size_t)(M * K + M * groups) * sizeof(float)), *xsum = xb + M * K;
     if (!xb) return -1;
     for (int64_t m = 0; m < M; m++)
-        for (int64_t k = 0; k < K; k += 2 * LANES)
-            for (int l = 0; l < LANES; l++) {
+        for (int64_t k = 0; k < K; k += BLOCK_K)
+            for (int l = 0; l < BLOCK_K / 2; l++) {
                 xb[m * K + k + l] = x[m * K + k + 2 * l];
-                xb[m * K + k + LANES + l] = x[m * K + k + 2 * l + 1];
+                xb[m * K + k + BLOCK_K / 2 + l] = x[m * K + k + 2 * l + 1];
             }
     io_t io = {xb, K, y, N, bias, M, N, K};
-    TILE_LOOP(tile_int4, packed, scales, zeros, group_size)
+    int status = 0;
+    if (M < TILE_MB) {
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t j = 0; j < groups; j++) {
+                float s = 0.f;
+                for (int64_t k = j * group_size; k < (j + 1) * group_size; k++) s += x[m * K + k];
+                xsum[m * groups + j] = s;
+            }
+        DECODE(decode_int4, DECODE_NB4, packed, scales, zeros, group_size, xsum)
+    } else {
+        status = lk_int4_batched(&io, packed, scales, zeros, group_size);
+    }
     free(xb);
-    return 0;
+    return status;
 }
 
 /* Dequantized weight, for large M where a float32 GEMM on it beats the tile loop above.
@@ -209,11 +370,11 @@ void lk_dequantize_int4(const uint8_t *packed, const float *scales, const float 
     int64_t groups = K / group_size;
     #pragma omp parallel for schedule(static) if (N * K > 65536)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k += 2 * LANES) {
+        for (int64_t k = 0; k < K; k += BLOCK_K) {
             const uint8_t *b = packed + n * (K / 2) + k / 2;
             float s = scales[n * groups + k / group_size], z = zeros[n * groups + k / group_size];
             float *out = w + n * K + k;
-            for (int l = 0; l < LANES; l++) {
+            for (int l = 0; l < BLOCK_K / 2; l++) {
                 out[2 * l] = ((float)(b[l] & 15) - z) * s;
                 out[2 * l + 1] = ((float)(b[l] >> 4) - z) * s;
             }

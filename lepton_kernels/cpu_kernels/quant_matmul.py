@@ -8,16 +8,19 @@ convention maps from ours as
     w = (q - 8) * scale + offset,  offset = (8 - zero) * scale,  scales_and_zeros [K/g, N, 2]
 (tests/kernels/test_quant_matmul_cpu.py checks it), but they stay unused for those reasons. So the math runs in quant_gemm.c:
 
-* M <= DEQUANT_ROWS (decode, batched decode): a tiled kernel that dequantizes weight vectors in registers and
-  accumulates x @ W'^T in float32 (int4: ``(q - zero) * scale`` exactly like ``dequantize``;
-  int8: ``scale * sum(x * q)``, the row's scale applied once to its sum). It streams 1 (int8)
-  or 1/2 (int4) byte per weight instead of 4.
+* M <= DEQUANT_ROWS (decode, batched decode): register-tiled kernels on the packed weight.
+  Below the batched tile's rows (6 on AVX2, 4 on AVX-512) each weight vector is converted in
+  registers and used once per row, streaming 1 (int8) or 1/2 (int4) byte per weight instead of
+  4; from there each thread dequantizes 8 weight rows at a time into a cache-resident float
+  scratch and runs float tiles over it, converting each weight once per call.
 * M > DEQUANT_ROWS (large prefills): the compute dominates, so the weight is dequantized
   (in C, in parallel) into a float32 scratch and multiplied by MKL's sgemm.
 
 Rounding: every path is a float32 matmul of the same dequantized weights, up to where the int8
 scale is applied and the order of the sums, so it differs from the float32 eager spec by float32
-rounding only (|error| <= ~K * 2^-24 * sum|x w|, like any float32 matmul).
+rounding only (|error| <= ~K * 2^-24 * sum|x w|, like any float32 matmul). int4 decode folds
+each group in as s * (sum x q - z * sum x): the rounding is then of sums of x q before the zero
+comes off, ~K * 2^-24 * 15 * s * sum|x| at worst.
 float16 / bfloat16 inputs are computed in float32 (weights never rounded to the input dtype) and
 rounded once at the end, so they are at least as close to the exact product as the eager spec,
 which rounds W' to the input dtype first. No autograd: a call that needs gradients goes to eager.
@@ -40,15 +43,15 @@ import torch.nn.functional as F
 from ..ops.quant_matmul import check_args
 from . import jit_build
 
-# Above this many rows, dequantize + sgemm. Measured on one AVX-512 core (us, int8 tiled / int8
-# dequantize+sgemm / float32 prepacked): 2752x512 at 16 rows 694 / 813 / 426, at 64 rows
-# 3127 / 2690 / 1897; a 32000x512 LM head at 64 rows 33370 / 76848 / 21372 (sgemm repacks the
+# Above this many rows, dequantize + sgemm. Measured on a 2-core AVX2 VM (us, float32 F.linear /
+# int8 tiled / int8 dequantize + sgemm): 2752x512 at 64 rows 1555 / 1744 / 1803, at 128 rows
+# 2553 / 3340 / 2815; a 32000x512 LM head at 64 rows 27238 / 20400 / 53824 (sgemm repacks the
 # whole scratch weight on every call). So tiles up to 64 rows; only large prefills dequantize.
 DEQUANT_ROWS = 64
 SOURCE = "quant_gemm.c"
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "lk_quant_gemm_int8": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],
+    "lk_quant_gemm_int8": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],   # -> int
     "lk_quant_gemm_int4": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64],   # -> int
     "lk_dequantize_int8": [_PTR, _PTR, _I64, _I64, _PTR],
     "lk_dequantize_int4": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR],
@@ -60,7 +63,7 @@ def _library() -> tuple[ctypes.CDLL | None, str | None]:
     if lib is not None and lib.lk_quant_gemm_int8.argtypes is None:
         for name, argtypes in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = ctypes.c_int if name == "lk_quant_gemm_int4" else None
+            getattr(lib, name).restype = ctypes.c_int if name.startswith("lk_quant_gemm") else None
     return lib, why
 
 
@@ -127,9 +130,11 @@ def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch
     else:
         y = torch.empty(m, n, dtype=torch.float32)
         if qw.bits == 8:
-            lib.lk_quant_gemm_int8(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales), _ptr(bf),
-                                   _ptr(y), n)
-        elif lib.lk_quant_gemm_int4(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
-                                    _ptr(layout.zeros), qw.group_size, _ptr(bf), _ptr(y), n):
-            raise MemoryError(f"quant_matmul: no memory for a {m}x{k} float32 scratch")
+            failed = lib.lk_quant_gemm_int8(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
+                                            _ptr(bf), _ptr(y), n)
+        else:
+            failed = lib.lk_quant_gemm_int4(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
+                                            _ptr(layout.zeros), qw.group_size, _ptr(bf), _ptr(y), n)
+        if failed:
+            raise MemoryError(f"quant_matmul: no memory for the float32 scratch of a {m}x{k} x {n}x{k} matmul")
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -32,10 +32,10 @@ def reference_weight(qw) -> torch.Tensor:
     return (q.double() - qw.zeros.double()[:, groups]) * qw.scales.double()[:, groups]
 
 
-# M 1 and 7 take the register-tiled kernel's 1 x 8 tiles, 33 its 4 x 4 tiles plus one 1 x 8 row,
-# 70 the dequantize + sgemm path (M > DEQUANT_ROWS); N odd; K a multiple of the group size (odd
-# for int8).
-@pytest.mark.parametrize("m", [1, 7, 33, 70])
+# M 1 and 5 take the decode tiles (M < 6, the batched tile's rows on AVX2; 4 on AVX-512), 6, 8
+# and 33 the batched path's row tiles (full, split evenly, with a narrower last one), 70 the
+# dequantize + sgemm path (M > DEQUANT_ROWS); N odd; K a multiple of the group size (odd for int8).
+@pytest.mark.parametrize("m", [1, 5, 6, 8, 33, 70])
 @pytest.mark.parametrize("fmt,n,k", [("int8", 37, 97), ("int8", 53, 256), ("int4_g32", 37, 96),
                                      ("int4_g64", 29, 192), ("int4_g128", 37, 256)])
 @pytest.mark.parametrize("bias", [False, True])
