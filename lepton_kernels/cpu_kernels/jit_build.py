@@ -46,7 +46,7 @@ def _cpu_flags() -> str:
 def _command(compiler: str) -> list[str]:
     flags = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11"]
     if platform.machine() in ("x86_64", "AMD64"):
-        # gcc prefers 256-bit vectors even where AVX-512 exists; the kernels are written for 16 lanes.
+        # gcc prefers 256-bit vectors even where AVX-512 exists; the kernels use 16 lanes there.
         flags.append("-mprefer-vector-width=512")
     return [compiler, *flags]
 

@@ -39,7 +39,7 @@
 #define LANES 16
 #define TILE_MB 4
 #define TILE_NB 4
-#define DECODE_NB4 8   /* int4 decode tile: two accumulators per row */
+#define DECODE_NB4 8   /* int4 decode tile: two accumulators per row (group, total) */
 #elif defined(__AVX__)
 #define LANES 8
 #define TILE_MB 6
@@ -177,21 +177,22 @@ INLINE void decode_int4(const io_t *io, int64_t m0, int64_t n0, const int NB, co
     vf acc[MB_MAX][NB_MAX];
     for (int r = 0; r < NB; r++) acc[0][r] = splat(0.f);
     for (int64_t j = 0; j < groups; j++) {
-        vf even[NB_MAX], odd[NB_MAX];   /* sum x q over the group: two chains per row */
-        for (int r = 0; r < NB; r++) even[r] = odd[r] = splat(0.f);
+        /* sum x q over the group, one chain per row: two (evens, odds) would spill on AVX2 */
+        vf part[NB_MAX];
+        for (int r = 0; r < NB; r++) part[r] = splat(0.f);
         for (int64_t k = j * group_size; k < (j + 1) * group_size; k += BLOCK_K)
             for (int h = 0; h < BLOCK_K / 2; h += LANES) {
                 vf xe = load_f(xr[0] + k + h), xo = load_f(xr[0] + k + BLOCK_K / 2 + h);
                 for (int r = 0; r < NB; r++) {
                     vf lo, hi;
                     nibbles_to_f(pr[r] + k / 2 + h, &lo, &hi);
-                    even[r] += xe * lo;
-                    odd[r] += xo * hi;
+                    part[r] += xe * lo;
+                    part[r] += xo * hi;
                 }
             }
         for (int r = 0; r < NB; r++) {   /* lanes fold into acc; the zero term is a scalar */
             float s = scales[nr[r] * groups + j], z = zeros[nr[r] * groups + j];
-            acc[0][r] += (even[r] + odd[r]) * s;
+            acc[0][r] += part[r] * s;
             tail[0][r] -= s * z * xs[j];
         }
     }
