@@ -22,7 +22,9 @@ def load_tokenizer(path: Path):
 
 def encode(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[int] | None]:
     """text -> (input_ids, token_type_ids or None)."""
-    enc = tokenizer(text, add_special_tokens=add_special_tokens)
+    # No attention mask: nothing uses it, and building it is another list as long as the text's
+    # tokens, made while holding the GIL (a server tokenizes off its event loop, not off the GIL).
+    enc = tokenizer(text, add_special_tokens=add_special_tokens, return_attention_mask=False)
     return list(enc["input_ids"]), (list(enc["token_type_ids"]) if "token_type_ids" in enc else None)
 
 

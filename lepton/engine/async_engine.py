@@ -10,13 +10,22 @@ request's sink hands its RequestOutputs to the event loop of the caller that own
 (loop.call_soon_threadsafe), so the event loop never waits for a forward. New requests and
 aborts are queued for that thread and applied between steps (at once when it is idle). A caller that stops
 iterating (client disconnect, task cancelled, break) aborts its request, which frees its cache
-blocks within one step. If a step raises, every stream gets the error and ``errored`` is set
-(a server's /health turns 503).
+blocks within one step. If a step raises, the requests in the engine end with
+EngineStepError and are aborted, and the loop serves on; only an error it cannot recover from
+(an abort that fails too) stops it and sets ``errored`` (a server's /health turns 503).
+
+Backpressure: outputs wait in the request's queue until its reader takes them. A reader that
+falls behind by more than ``max_buffered_tokens`` output tokens (a client that never reads its
+stream) gets its request aborted, so the server holds a bounded amount for it (a token with 20
+logprobs is about 4.5 KiB of stream); its stream ends with StreamBackpressureError.
+``num_backpressure_aborts`` counts those; ``num_unread()`` counts finished requests whose
+outputs still wait for their reader (a server counts them as pending).
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import uuid
 from typing import AsyncIterator
@@ -24,19 +33,39 @@ from typing import AsyncIterator
 from lepton.outputs import RequestOutput
 from lepton.sampling_params import SamplingParams
 
+logger = logging.getLogger(__name__)
 
 class EngineDeadError(RuntimeError):
     """The engine loop stopped after an error; no request can be served."""
 
 
+class EngineStepError(RuntimeError):
+    """A step failed while the request was in flight; the request was aborted, the engine serves on."""
+
+
+class StreamBackpressureError(RuntimeError):
+    """The request was aborted: its reader fell more than max_buffered_tokens behind."""
+
+
+def _num_tokens(item) -> int:
+    """Output tokens a queued item holds (what a reader that falls behind makes us keep)."""
+    outputs = getattr(item, "outputs", None)
+    return sum(len(c.token_ids) for c in outputs) if outputs else 0
+
+
 class AsyncEngine:
-    def __init__(self, engine):
+    def __init__(self, engine, *, max_buffered_tokens: int | None = None):
         self.engine = engine
+        self.max_buffered_tokens = max_buffered_tokens   # None: no bound
+        self.num_backpressure_aborts = 0
+        self._backlog: dict[str, int] = {}     # request id -> output tokens queued, not yet read
+        self._unread: set[str] = set()         # finished, but the reader has not taken everything
+        self._overflowed: set[str] = set()     # aborted for falling behind
         self.errored: BaseException | None = None
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending_adds: list = []
         self._pending_aborts: list[str] = []
-        self._mutex = threading.Lock()          # guards the three containers above
+        self._mutex = threading.Lock()          # guards the containers above
         self._wakeup = threading.Event()
         self._stopped = False
         self._thread = threading.Thread(target=self._run, name="lepton-engine-loop", daemon=True)
@@ -77,20 +106,30 @@ class AsyncEngine:
         return queue
 
     async def outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
-        """The outputs of a submitted request; stopping early (break, cancel) aborts it."""
+        """The outputs of a submitted request; stopping early (break, cancel) aborts it. One
+        aborted for falling behind ends with its last output, then StreamBackpressureError."""
         finished = False
         try:
             while True:
                 item = await queue.get()
+                with self._mutex:
+                    self._backlog[request_id] = self._backlog.get(request_id, 0) - _num_tokens(item)
                 if isinstance(item, BaseException):
                     raise item
                 finished = item.finished
                 yield item
                 if finished:
+                    if request_id in self._overflowed and any(c.finish_reason == "abort" for c in item.outputs):
+                        raise StreamBackpressureError(
+                            f"the stream was aborted: more than {self.max_buffered_tokens} output tokens "
+                            "waited for the client to read them")
                     return
         finally:
             with self._mutex:
                 self._streams.pop(request_id, None)
+                self._backlog.pop(request_id, None)
+                self._unread.discard(request_id)
+                self._overflowed.discard(request_id)
             if not finished:
                 self._abort_soon(request_id)
 
@@ -115,6 +154,15 @@ class AsyncEngine:
     def num_running(self) -> int:
         return self.engine.stats().num_running
 
+    def num_unread(self) -> int:
+        """Finished requests whose outputs still wait for their reader."""
+        return len(self._unread)
+
+    def buffered_tokens(self) -> int:
+        """Output tokens queued for readers, all requests together."""
+        with self._mutex:
+            return sum(self._backlog.values())
+
     async def abort(self, request_id: str) -> None:
         self._abort_soon(request_id)
 
@@ -131,10 +179,22 @@ class AsyncEngine:
 
     # ---- the loop thread ----------------------------------------------------------------------
     def _deliver(self, request_id: str, item) -> None:
+        finished = getattr(item, "finished", True)
         with self._mutex:
             target = self._streams.get(request_id)
-            if getattr(item, "finished", True):   # the last item: forget the stream even if
-                self._streams.pop(request_id, None)   # nobody ever reads it
+            if finished:   # the last item: forget the stream even if nobody ever reads it
+                self._streams.pop(request_id, None)
+            if target is not None:
+                backlog = self._backlog[request_id] = self._backlog.get(request_id, 0) + _num_tokens(item)
+                if finished:
+                    self._unread.add(request_id)
+                elif (self.max_buffered_tokens is not None and backlog > self.max_buffered_tokens
+                      and request_id not in self._overflowed):
+                    # Its reader fell behind (a client that does not read its stream): stop the
+                    # request rather than hold its output without bound.
+                    self._overflowed.add(request_id)
+                    self._pending_aborts.append(request_id)
+                    self.num_backpressure_aborts += 1
         if target is None:
             return
         loop, queue = target
@@ -166,6 +226,18 @@ class AsyncEngine:
             except ValueError as err:
                 self._deliver(request.request_id, err)
 
+    def _fail_step(self, err: Exception) -> None:
+        """(Loop thread.) A step raised: every request the engine holds may have been in it, so
+        each ends with EngineStepError and is aborted (freeing its blocks); the loop serves on.
+        Should the abort fail too, that error stops the loop (``errored``)."""
+        logger.error("an engine step failed; failing the requests in flight", exc_info=err)
+        with self._mutex:
+            queued = {r.request_id for r in self._pending_adds}   # not in the engine yet: unharmed
+            ids = [rid for rid in self._streams if rid not in queued]
+        for rid in ids:
+            self._deliver(rid, EngineStepError(f"generation failed: the engine step raised {type(err).__name__}"))
+        self.engine.abort(ids)
+
     def _run(self) -> None:
         engine = self.engine
         try:
@@ -175,7 +247,12 @@ class AsyncEngine:
                 self._apply_pending()
                 while not self._stopped:
                     self._apply_pending()
-                    if not engine.step_routed():   # nothing left to run
+                    try:
+                        busy = engine.step_routed()
+                    except Exception as err:  # noqa: BLE001 (one failed step fails its requests, not the loop)
+                        self._fail_step(err)
+                        continue
+                    if not busy:   # nothing left to run
                         break
         except BaseException as err:  # a dead loop must not hang its callers
             self.errored = err

@@ -10,7 +10,10 @@ Every cache block is in exactly one state:
 Prefix caching keys a FULL block by a hash chained over its parent's key and its token ids:
     key_i = blake2b(key=salt)(key_{i-1} | token_ids[i*bs:(i+1)*bs] as little-endian int64)
 with key_{-1} = 32 zero bytes and a random 16-byte salt per manager by default, so a client
-cannot craft prompts whose keys collide with another user's prefix. Only blocks whose KV the
+cannot craft prompts whose keys collide with another user's prefix. A request's ``cache_salt``
+(a string, vLLM's field of that name) replaces key_{-1} with a key derived from it, so it enters
+the first block's key and through the chain every later one: requests with different salts
+never share a block, whatever their tokens (a server salts per user or per API key). Only blocks whose KV the
 runner has written are published (``cache_blocks``). A new prompt reuses the longest chain of
 published blocks, but never the block holding its last token: the model must compute at least
 one prompt token to produce logits to sample from, so a fully cached prompt of k full blocks
@@ -45,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Hashable, Sequence
 
 ROOT_HASH = bytes(32)
+# blake2b's personalization keeps salt roots apart from block keys, whatever bytes a salt holds.
+_SALT_PERSON = b"lepton.cachesalt"
 _NO_COPIES: list = []   # shared, never mutated: the decode fast path allocates nothing
 
 
@@ -65,6 +70,7 @@ class _SeqBlocks:
     block_table: list[int] = field(default_factory=list)
     block_hashes: list[bytes] = field(default_factory=list)   # keys of its first full blocks
     num_published: int = 0     # leading blocks whose computed KV cache_blocks already handled
+    root: bytes = ROOT_HASH    # key_{-1}: the parent of its first block (its cache_salt's root)
 
 
 class BlockManager:
@@ -126,10 +132,20 @@ class BlockManager:
         return self._seqs[seq_id]
 
     # ---- allocation -------------------------------------------------------------------------
-    def _prompt_hashes(self, token_ids: Sequence[int]) -> list[bytes]:
+    def _root(self, cache_salt: str | None) -> bytes:
+        """key_{-1} of a request: ROOT_HASH unsalted, else a keyed hash of its cache_salt."""
+        if cache_salt is None:
+            return ROOT_HASH
+        if not isinstance(cache_salt, str) or not cache_salt:
+            raise ValueError(f"cache_salt must be None or a non-empty string, got {cache_salt!r}")
+        h = hashlib.blake2b(key=self.salt, digest_size=32, person=_SALT_PERSON)
+        h.update(cache_salt.encode("utf-8", "surrogatepass"))
+        return h.digest()
+
+    def _prompt_hashes(self, token_ids: Sequence[int], root: bytes = ROOT_HASH) -> list[bytes]:
         if not self.enable_prefix_caching:
             return []
-        bs, keys, parent = self.block_size, [], None
+        bs, keys, parent = self.block_size, [], root
         for i in range(len(token_ids) // bs):
             parent = hash_block_tokens(self.salt, parent, token_ids[i * bs:(i + 1) * bs])
             keys.append(parent)
@@ -147,24 +163,28 @@ class BlockManager:
         return hits
 
     def can_allocate(self, token_ids: Sequence[int], num_lookahead_slots: int = 0,
-                     use_cache: bool = True) -> bool:
+                     use_cache: bool = True, cache_salt: str | None = None) -> bool:
         """Whether allocate(token_ids) would succeed with num_lookahead_slots blocks' worth of
         extra slots still available afterwards."""
-        hits = self._cache_hits(token_ids, self._prompt_hashes(token_ids), use_cache)
+        keys = self._prompt_hashes(token_ids, self._root(cache_salt))
+        hits = self._cache_hits(token_ids, keys, use_cache)
         total = -(-(len(token_ids) + num_lookahead_slots) // self.block_size)
         cost = total - len(hits) + sum(self._refcount[b] == 0 for b in hits)
         return cost <= self.num_free_blocks
 
-    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], use_cache: bool = True) -> int:
+    def allocate(self, seq_id: Hashable, token_ids: Sequence[int], use_cache: bool = True,
+                 cache_salt: str | None = None) -> int:
         """Give a new sequence blocks for its prompt; returns num_cached_tokens, the prompt
         tokens whose KV the reused prefix blocks already hold (a multiple of block_size).
         ``use_cache=False`` computes every token (prompt logprobs need the logits of all of
-        them); the blocks are still published afterwards."""
+        them); the blocks are still published afterwards. Only blocks published under the same
+        ``cache_salt`` (None: unsalted) are reused, and its blocks are published under it."""
         if seq_id in self._seqs:
             raise ValueError(f"seq_id {seq_id!r} already has blocks")
         if len(token_ids) == 0:
             raise ValueError("token_ids must hold at least one prompt token")
-        keys = self._prompt_hashes(token_ids)
+        root = self._root(cache_salt)
+        keys = self._prompt_hashes(token_ids, root)
         hits = self._cache_hits(token_ids, keys, use_cache)
         num_new = -(-len(token_ids) // self.block_size) - len(hits)
         if num_new + sum(self._refcount[b] == 0 for b in hits) > self.num_free_blocks:
@@ -174,7 +194,7 @@ class BlockManager:
             self._evictor.pop(b, None)
             self._refcount[b] += 1
         table = hits + [self._take_block() for _ in range(num_new)]
-        self._seqs[seq_id] = _SeqBlocks(table, keys, num_published=len(hits))
+        self._seqs[seq_id] = _SeqBlocks(table, keys, num_published=len(hits), root=root)
         num_cached = len(hits) * self.block_size
         if self.enable_prefix_caching:
             self._queried_tokens += len(token_ids)
@@ -262,7 +282,7 @@ class BlockManager:
                              f"{len(token_ids)} tokens or its {len(seq.block_table)} blocks")
         for i in range(seq.num_published, num_computed_tokens // bs):
             if i == len(keys):
-                keys.append(hash_block_tokens(self.salt, keys[-1] if keys else None,
+                keys.append(hash_block_tokens(self.salt, keys[-1] if keys else seq.root,
                                               token_ids[i * bs:(i + 1) * bs]))
             b = seq.block_table[i]
             # The same content may already be published from another block (two prompts
@@ -280,7 +300,7 @@ class BlockManager:
         for b in parent.block_table:
             self._refcount[b] += 1
         self._seqs[child_seq_id] = _SeqBlocks(list(parent.block_table), list(parent.block_hashes),
-                                              parent.num_published)
+                                              parent.num_published, parent.root)
 
     def free(self, seq_id: Hashable) -> None:
         """Drop the sequence's blocks (finished or aborted; a seq_id without blocks is a no-op).

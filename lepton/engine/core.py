@@ -169,8 +169,15 @@ class EngineCore:
             self._left += [seq.seq_id for seq in sched.preempted]
             sample_rows, sample_seqs, prompt_rows = self._plan_samples(seqs, counts)
             left, self._left = self._left, []
-            result = self.executor.execute_model(StepInput(seqs, counts, sched.block_copies, sample_rows,
-                                                           sample_seqs, [row for row, _ in prompt_rows], left))
+            try:
+                result = self.executor.execute_model(StepInput(seqs, counts, sched.block_copies, sample_rows,
+                                                               sample_seqs, [row for row, _ in prompt_rows], left))
+            except BaseException:
+                # The runner may not have seen these leave: tell it again next step (removal is
+                # idempotent), so a caller that aborts this step's requests and serves on
+                # (AsyncEngine) leaves no stale row in its persistent batch.
+                self._left = left + self._left
+                raise
             bs, bm = self.block_manager.block_size, self.block_manager
             num_prompt = 0
             for seq, n in zip(seqs, counts):

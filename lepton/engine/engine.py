@@ -23,13 +23,13 @@ import dataclasses
 import itertools
 import logging
 import os
-import threading
 from collections import deque
 
 import torch
 
 from lepton.config import EngineConfig
 from lepton.engine.core import EngineCore
+from lepton.engine.fair_lock import FairLock
 from lepton.engine.input_processor import InputProcessor, ModelLimits
 from lepton.engine.metrics import EngineStats
 from lepton.engine.output_processor import OutputProcessor
@@ -76,7 +76,9 @@ class Engine:
         self.max_model_len = setup.resolve_max_model_len(cfg, self.hf_config, model, self.model_path)
         self.is_generative = hasattr(model, "compute_logits") and hasattr(model, "attention_layers")
         eos_token_ids = setup.eos_token_ids(self.model_path, self.hf_config, self.tokenizer)
-        self._lock = threading.RLock()   # one step (core + output processor) at a time
+        # One step (core + output processor) or cache-free forward at a time; fair, so a step
+        # waiting for it runs before the next forward of an embedding batch (fair_lock.py).
+        self._lock = FairLock()
         self.core: EngineCore | None = None
         self.num_kv_blocks = 0
         if self.is_generative:
@@ -96,7 +98,7 @@ class Engine:
         self.output_processor = OutputProcessor(self.tokenizer)
         self.tasks = TaskRunner(self.executor, self.input_processor, self.tokenizer,
                                 setup.make_pooler(model, self.model_path), cfg.max_num_batched_tokens,
-                                self._lock)
+                                self._lock, busy=self._generating)
         self._request_counter = itertools.count()
         self._unclaimed: list[RequestOutput] = []   # outputs of sink-less requests, for step()
         self.eos_token_ids = eos_token_ids
@@ -116,6 +118,13 @@ class Engine:
         if self.core is not None:
             self.core.eos_token_ids = self._eos_token_ids
         self.executor.eos_token_ids = self._eos_token_ids
+
+    def _generating(self) -> bool:
+        """Generation requests are in flight (a snapshot: never waits for a step)."""
+        if self.core is None:
+            return False
+        stats = self.core.stats()
+        return stats.num_running + stats.num_waiting > 0
 
     # ---- the serving loop ---------------------------------------------------------------------------
     def add_request(self, request_id: str, prompt, params: SamplingParams | None = None, *,
@@ -188,9 +197,10 @@ class Engine:
     # ---- generation -----------------------------------------------------------------------------
     def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  *, use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete each prompt (a string or a list of token ids); one RequestOutput per prompt,
-        in order. All prompts are queued at once and served with continuous batching;
-        ``use_tqdm`` shows a progress bar (prompts done, input and output tokens/s)."""
+        """Complete each prompt (a string, a list of token ids, or vLLM's dict {"prompt" or
+        "prompt_token_ids", optional "cache_salt"}); one RequestOutput per prompt, in order. All
+        prompts are queued at once and served with continuous batching; ``use_tqdm`` shows a
+        progress bar (prompts done, input and output tokens/s)."""
         self.input_processor.require_generative("generate")
         return self._generate(self.input_processor.prompts(prompts), sampling_params, use_tqdm)
 

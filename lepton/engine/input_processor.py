@@ -9,8 +9,10 @@ SamplingParams is accepted or refused by the same rules (and with the same messa
 the server only maps the ValueError to an HTTP 400. Nothing here touches engine state, so a
 server may run it off its event loop and before queueing.
 
-A prompt is a string (tokenized with the model's tokenizer), a list of token ids, or a
-``Prompt``; a batch is a list of those. Checks, against the model:
+A prompt is a string (tokenized with the model's tokenizer), a list of token ids, a ``Prompt``,
+or, as in vLLM, a dict {"prompt": text} or {"prompt_token_ids": ids} with an optional
+"cache_salt" (requests share prefix-cache blocks only with requests of the same salt); a batch
+is a list of those. Checks, against the model:
     prompt     non-empty, integer ids in [0, vocab_size), at most max_model_len tokens
                (max_model_len - 1 for generation, which must leave room for one token)
     params     prompt + max_tokens <= max_model_len, and fits the whole KV cache;
@@ -22,6 +24,7 @@ A prompt is a string (tokenized with the model's tokenizer), a list of token ids
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -38,6 +41,7 @@ class Prompt:
     text: str | None
     token_ids: list[int]
     token_type_ids: list[int] | None = None
+    cache_salt: str | None = None     # its prefix-cache partition (None: the shared one)
 
 
 @dataclass(frozen=True)
@@ -51,6 +55,26 @@ class ModelLimits:
     max_num_seqs: int = 1
     cache_tokens: int | None = None     # the whole KV cache in tokens (None: no cache)
     block_size: int = 1
+
+
+MAX_CACHE_SALT_CHARS = 1024   # a salt names a partition; longer ones only cost hashing time
+
+
+def check_cache_salt(cache_salt) -> str | None:
+    """``cache_salt`` if it is None or a non-empty string of valid Unicode, else ValueError."""
+    if cache_salt is None:
+        return None
+    if not isinstance(cache_salt, str) or not cache_salt or len(cache_salt) > MAX_CACHE_SALT_CHARS:
+        raise ValueError(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} "
+                         f"characters, got {cache_salt!r:.80}")
+    try:
+        cache_salt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("cache_salt holds a lone UTF-16 surrogate, which is not valid Unicode text") from None
+    return cache_salt
+
+
+_INT_ONLY = frozenset({int})   # bool is not a token id, though a subclass of int
 
 
 def _is_token_ids(value) -> bool:
@@ -68,7 +92,7 @@ class InputProcessor:
     def split(prompts, *, what: str = "prompts") -> list:
         """One prompt or a batch of them -> the list of single prompts, not tokenized yet (so a
         server can count them before paying for tokenization)."""
-        if isinstance(prompts, (str, Prompt)) or _is_token_ids(prompts):
+        if isinstance(prompts, (str, Prompt, dict)) or _is_token_ids(prompts):
             return [prompts]
         if not isinstance(prompts, (list, tuple)) or not prompts:
             raise ValueError(f"{what} must be a non-empty string, token-id list, or list of those")
@@ -82,6 +106,8 @@ class InputProcessor:
         label = "prompt" if index is None else f"prompt {index}"
         if isinstance(prompt, Prompt):
             return prompt
+        if isinstance(prompt, dict):
+            return self._dict_prompt(prompt, label, add_special_tokens)
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass prompts as token ids")
@@ -90,6 +116,24 @@ class InputProcessor:
         if isinstance(prompt, (list, tuple)):
             return Prompt(None, list(prompt))
         raise ValueError(f"{label} must be a string or a list of token ids, got {type(prompt).__name__}")
+
+    def _dict_prompt(self, prompt: dict, label: str, add_special_tokens: bool) -> Prompt:
+        """vLLM's TextPrompt / TokensPrompt: one of "prompt" and "prompt_token_ids", and an
+        optional "cache_salt"."""
+        unknown = set(prompt) - {"prompt", "prompt_token_ids", "cache_salt"}
+        if unknown:
+            raise ValueError(f"{label}: unknown keys {sorted(map(str, unknown))}; a dict prompt holds "
+                             "'prompt' or 'prompt_token_ids', and optionally 'cache_salt'")
+        if ("prompt" in prompt) == ("prompt_token_ids" in prompt):
+            raise ValueError(f"{label}: a dict prompt holds exactly one of 'prompt' and 'prompt_token_ids'")
+        inner = prompt["prompt"] if "prompt" in prompt else prompt["prompt_token_ids"]
+        if ("prompt" in prompt) != isinstance(inner, str):
+            raise ValueError(f"{label}: 'prompt' must be a string and 'prompt_token_ids' a list of token ids")
+        try:
+            salt = check_cache_salt(prompt.get("cache_salt"))
+        except ValueError as err:
+            raise ValueError(f"{label}: {err}") from None
+        return dataclasses.replace(self.prompt(inner, add_special_tokens=add_special_tokens), cache_salt=salt)
 
     def chat(self, messages, chat_template: str | None = None,
              add_generation_prompt: bool = True) -> list[Prompt]:
@@ -109,16 +153,19 @@ class InputProcessor:
         limits = self.limits
         if not token_ids:
             raise ValueError(f"{label} is empty")
-        if not all(isinstance(t, int) and not isinstance(t, bool) for t in token_ids):
-            raise ValueError(f"{label}: token ids must be integers")
-        bad = next((t for t in token_ids if not 0 <= t < limits.vocab_size), None)
-        if bad is not None:
-            raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
+        # The length first, so a prompt far too long (a server gets prompts of up to a million ids)
+        # is refused without a look at its ids; the ids are then scanned by loops in C (type, min,
+        # max), each holding the GIL briefly, where a Python loop would hold it in 5 ms slices.
         limit = limits.max_model_len - 1 if generation else limits.max_model_len
         if len(token_ids) > limit:
             room = " and leave room for one generated token" if generation else ""
             raise ValueError(f"{label} has {len(token_ids)} tokens; it must fit max_model_len "
                              f"({limits.max_model_len}){room}")
+        if not _INT_ONLY.issuperset(map(type, token_ids)):
+            raise ValueError(f"{label}: token ids must be integers")
+        if min(token_ids) < 0 or max(token_ids) >= limits.vocab_size:
+            bad = next(t for t in token_ids if not 0 <= t < limits.vocab_size)
+            raise ValueError(f"{label}: token id {bad} is outside the vocabulary [0, {limits.vocab_size})")
 
     # ---- sampling parameters ------------------------------------------------------------------
     @staticmethod
@@ -167,9 +214,11 @@ class InputProcessor:
                              "one (use embed / classify / forward)")
 
     def process(self, request_id: str, prompt, params: SamplingParams | None = None, *,
-                arrival_time: float | None = None, priority: int = 0, label: str | None = None) -> Request:
+                arrival_time: float | None = None, priority: int = 0, label: str | None = None,
+                cache_salt: str | None = None) -> Request:
         """A validated, tokenized generation request; ValueError with the reason when it can never
-        run. ``label`` names the request in messages (default "request <id>")."""
+        run. ``label`` names the request in messages (default "request <id>"). ``cache_salt``
+        (default: the prompt's own) keeps its prefix-cache blocks apart from other salts'."""
         self.require_generative("generation")
         if not isinstance(request_id, str) or not request_id:
             raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
@@ -179,9 +228,10 @@ class InputProcessor:
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise ValueError(f"priority must be an integer, got {priority!r}")
         prompt = self.prompt(prompt)
+        cache_salt = check_cache_salt(prompt.cache_salt if cache_salt is None else cache_salt)
         label = label or f"request {request_id}"
         self.check_prompt(prompt.token_ids, label, generation=True)
         total = self.check_params(params, len(prompt.token_ids), label)
         arrival = time.monotonic() if arrival_time is None else arrival_time
         return Request(request_id, prompt.text, list(prompt.token_ids), params, priority, order=0,
-                       max_total_tokens=total, metrics=RequestMetrics(arrival))
+                       max_total_tokens=total, metrics=RequestMetrics(arrival), cache_salt=cache_salt)

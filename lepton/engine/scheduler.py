@@ -152,10 +152,10 @@ class Scheduler:
             # Prompt logprobs need the logits of every prompt token: no cached prefix for those.
             use_cache = not request.needs_prompt_logprobs
             reserve = self._watermark_blocks if self.running else 0
-            if not bm.can_allocate(seq.token_ids, reserve * bm.block_size, use_cache):
+            if not bm.can_allocate(seq.token_ids, reserve * bm.block_size, use_cache, request.cache_salt):
                 break
             self.waiting.pop(0)
-            cached = bm.allocate(seq.seq_id, seq.token_ids, use_cache)
+            cached = bm.allocate(seq.seq_id, seq.token_ids, use_cache, request.cache_salt)
             seq.num_computed_tokens = cached
             seq.block_table = bm.block_table_view(seq.seq_id)
             if request.num_cached_tokens is None:

@@ -85,6 +85,7 @@ class Request:
     metrics: RequestMetrics
     seqs: list[Sequence] = field(default_factory=list)
     num_cached_tokens: int | None = None    # prompt tokens the prefix cache served (first admission)
+    cache_salt: str | None = None           # prefix-cache partition: shares blocks only with its equals
     num_prompt_logprobs: int = 0            # prompt positions scored so far (prompt_logprobs)
     aborted: bool = False
     num_finished_seqs: int = 0

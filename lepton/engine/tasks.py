@@ -15,11 +15,14 @@
                    without: zero-shot, texts and label texts embedded, logits = ZERO_SHOT_SCALE *
                    cosine similarity, probabilities = softmax over the labels
 Returned tensors are float32 on the CPU. Batches are split into forwards of at most
-max_num_batched_tokens tokens (a longer single input runs alone).
+max_num_batched_tokens tokens (a longer single input runs alone). While generation requests are
+in flight, the forwards are smaller, about INTERLEAVE_SECONDS each (timed on earlier forwards),
+and the engine's lock is fair: the steps of running streams interleave with a long batch.
 """
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +34,9 @@ TOP_LABELS = 5
 # Similarity scale of the zero-shot softmax: 20 is the scale sentence-transformers' contrastive
 # loss trains embedding models with, so a cosine gap of 0.1 gives odds of e^2 ~ 7.4 : 1.
 ZERO_SHOT_SCALE = 20.0
+# While generation runs, a cache-free forward aims at this long: the steps of running streams
+# wait for the model at most about this much per forward of an embedding batch.
+INTERLEAVE_SECONDS = 0.02
 
 
 @dataclass
@@ -47,10 +53,11 @@ class Batch:
 
 class TaskRunner:
     """Whole-sequence forwards through the executor, no KV cache. ``lock`` serializes them with
-    the engine's steps (one forward at a time on the model)."""
+    the engine's steps (one forward at a time on the model); ``busy()`` says whether generation
+    requests are in flight (then forwards are kept short)."""
 
     def __init__(self, executor, input_processor, tokenizer, pooler: Pooler | None,
-                 max_num_batched_tokens: int, lock):
+                 max_num_batched_tokens: int, lock, busy=None):
         self.executor = executor
         self.model = executor.model
         self.input_processor = input_processor
@@ -58,6 +65,8 @@ class TaskRunner:
         self.pooler = pooler
         self.max_num_batched_tokens = max_num_batched_tokens
         self.lock = lock
+        self.busy = busy or (lambda: False)
+        self._seconds_per_token: float | None = None   # of earlier forwards (a running average)
 
     def preprocess(self, inputs) -> Batch:
         """A text, a list of texts, a list of token ids, or a list of those -> Batch."""
@@ -68,17 +77,32 @@ class TaskRunner:
         has_types = getattr(self.model, "is_encoder", False)
         return Batch([p.token_ids for p in prompts], types if has_types else None, [p.text for p in prompts])
 
+    def _budget(self) -> int:
+        """Tokens of the next forward: max_num_batched_tokens, or while generation runs, what
+        INTERLEAVE_SECONDS allows at the measured speed (one input until it is measured)."""
+        if not self.busy():
+            return self.max_num_batched_tokens
+        rate = self._seconds_per_token
+        if rate is None:
+            return 1
+        return max(1, min(self.max_num_batched_tokens, int(INTERLEAVE_SECONDS / max(rate, 1e-9))))
+
     def _encode_groups(self, batch: Batch):
-        """(hidden[T,H], cu_seqlens[B'+1]) per group of inputs within the token budget."""
-        budget, start = self.max_num_batched_tokens, 0
+        """(hidden[T,H], cu_seqlens[B'+1]) per group of inputs within the token budget; the lock
+        is taken per group, so engine steps run in between."""
+        start = 0
         while start < len(batch):
-            end, total = start, 0
+            budget, end, total = self._budget(), start, 0
             while end < len(batch) and (end == start or total + len(batch.input_ids[end]) <= budget):
                 total += len(batch.input_ids[end])
                 end += 1
             types = batch.token_type_ids[start:end] if batch.token_type_ids is not None else None
             with self.lock:
+                began = time.perf_counter()
                 encoded = self.executor.encode(batch.input_ids[start:end], types)
+                rate = (time.perf_counter() - began) / max(total, 1)
+            old = self._seconds_per_token
+            self._seconds_per_token = rate if old is None else 0.5 * (old + rate)
             yield encoded
             start = end
 

@@ -203,7 +203,8 @@ def server(model_dir, tmp_path_factory):
     args = ["--served-model-name", MODEL_NAME, MODEL_ALIAS,      # vllm style: several names after one flag
             "--api-key", API_KEY, "--api-key", API_KEY_2, "--chat-template", str(template),
             "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(MAX_NUM_SEQS),
-            "--dtype", "float32", "--seed", "0"]
+            "--dtype", "float32", "--seed", "0",
+            "--metrics-public"]   # with --api-key, /metrics needs the key unless this flag is given
     with ServerProcess(model_dir, args, log_dir) as proc:
         yield proc
 
@@ -242,11 +243,12 @@ def auth(key: str) -> dict[str, str]:
 
 # -- /metrics ------------------------------------------------------------------------------------
 
-def read_metrics(url: str) -> dict[str, float]:
-    """Prometheus text -> {sample name: value summed over label sets}."""
+def read_metrics(url: str, key: str | None = None) -> dict[str, float]:
+    """Prometheus text -> {sample name: value summed over label sets}; ``key``: for a server with
+    --api-key and without --metrics-public."""
     from prometheus_client.parser import text_string_to_metric_families
 
-    resp = httpx.get(f"{url}/metrics", timeout=10.0)
+    resp = httpx.get(f"{url}/metrics", headers=auth(key) if key else None, timeout=10.0)
     assert resp.status_code == 200, (resp.status_code, resp.text[:500])
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(resp.text):

@@ -28,7 +28,7 @@ OPERATIONS = ["POST /v1/completions", "POST /v1/chat/completions", "POST /v1/emb
 @pytest.fixture(scope="module")
 def fuzz_server(model_dir, tmp_path_factory):
     args = ["--served-model-name", NAME, "--api-key", KEY, "--max-model-len", "64", "--max-num-seqs", "8",
-            "--max-prompts", "4", "--max-n", "4"]
+            "--max-prompts", "4", "--max-n", "4", "--metrics-public"]
     with ServerProcess(model_dir, args, tmp_path_factory.mktemp("fuzz_logs")) as proc:
         yield proc
 

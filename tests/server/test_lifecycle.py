@@ -39,7 +39,7 @@ def gen_config_dir(model_dir, tmp_path_factory):
 def server2(gen_config_dir, tmp_path_factory):
     # No --host (127.0.0.1 is the default), no --served-model-name, keys from the environment.
     with ServerProcess(gen_config_dir, ["--max-num-seqs", "1", "--max-pending", str(MAX_PENDING),
-                                        "--max-model-len", "256"],
+                                        "--max-model-len", "256", "--metrics-public"],
                        tmp_path_factory.mktemp("server2_logs"), host=None,
                        env={"LEPTON_API_KEY": ",".join(ENV_KEYS)}) as proc:
         yield proc

@@ -2,47 +2,66 @@
 
     app = build_app(Engine("path"), served_model_name=["tiny"], api_keys=["secret"])
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/embeddings, /tokenize,
-/detokenize, /health, /metrics. Requests are validated and tokenized on the event loop, then
-queued on the AsyncEngine, whose thread runs the forwards; streams are server-sent events.
-Every error is an OpenAI error body (errors.py); limits and keys are checked in middleware.py.
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /detokenize, /health, /metrics here;
+the pooling routes (/v1/embeddings, /v1/score, /v1/rerank, /classify), /v1/responses, and
+/tokenize, /ping, /version, /v1/models/{id} in routes_*.py. Requests are checked on the event
+loop (sizes first), tokenized and templated on a small thread pool (offload.py), then queued on
+the AsyncEngine, whose thread runs the forwards; streams are server-sent events. Large JSON
+answers are encoded on the pool too.
+Every error is an OpenAI error body (errors.py); limits and keys are checked in middleware.py;
+on shutdown, what is still in flight ends cleanly (drain.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import base64
 import contextlib
 import uuid
 
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from lepton.entrypoints.server.drain import Drain, DrainMiddleware
 from lepton.entrypoints.server.errors import APIError, install_handlers
 from lepton.entrypoints.server.middleware import GuardMiddleware
-from lepton.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest, EmbeddingRequest,
-                       TokenizeRequest, sampling_params)
+from lepton.entrypoints.server.offload import decode
+from lepton.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
+                       sampling_params)
 from lepton.entrypoints.server.responses import ResponseBuilder
+from lepton.entrypoints.server.routes_misc import register_misc_routes
+from lepton.entrypoints.server.routes_pooling import register_pooling_routes
+from lepton.entrypoints.server.routes_responses import register_responses_routes
 from lepton.entrypoints.server.state import DEFAULT_LIMITS, ServerState
 
 def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: list[str] = (),
-              chat_template: str | None = None, max_body_bytes: int = 10 << 20, **limits) -> FastAPI:
+              chat_template: str | None = None, max_body_bytes: int = 10 << 20, metrics_public: bool = False,
+              cache_salt_by_api_key: bool = False, body_timeout: float | None = None, **limits) -> FastAPI:
+    """``metrics_public``: /metrics needs no key even with ``api_keys``; ``cache_salt_by_api_key``:
+    each key gets its own prefix-cache partition; ``body_timeout``: seconds a body may take to
+    arrive (408 past it). ``app.state.drain`` is the Drain a server starts on SIGTERM (drain.py)."""
     unknown = set(limits) - set(DEFAULT_LIMITS)
     if unknown:
         raise ValueError(f"unknown limits {sorted(unknown)}; known: {sorted(DEFAULT_LIMITS)}")
+    if cache_salt_by_api_key and not api_keys:
+        raise ValueError("--cache-salt-by-api-key needs --api-key: without keys there is nothing to salt by")
     st = ServerState(engine, served_model_name, chat_template, dict(DEFAULT_LIMITS, **limits))
+    st.cache_salt_by_api_key = cache_salt_by_api_key
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         yield
+        st.offload.shutdown()   # queued tokenizing is dropped: nobody waits for it any more
         if st.async_engine is not None:   # in-flight requests end with finish_reason "abort"
             await asyncio.get_running_loop().run_in_executor(None, st.async_engine.shutdown)
 
     app = FastAPI(title="lepton", version="0.1.0", lifespan=lifespan)
     app.state.lepton = st
     install_handlers(app)
-    app.add_middleware(GuardMiddleware, api_keys=list(api_keys), max_body_bytes=max_body_bytes)
+    app.add_middleware(GuardMiddleware, api_keys=list(api_keys), max_body_bytes=max_body_bytes,
+                       metrics_public=metrics_public, body_timeout=body_timeout)
+    app.state.drain = Drain()
+    app.add_middleware(DrainMiddleware, drain=app.state.drain)   # added last: the outermost
 
     @app.api_route("/health", methods=["GET", "HEAD"])   # HEAD: probes that skip the body
     async def health():
@@ -62,12 +81,13 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     async def completions(body: CompletionRequest, raw: Request):
         model = st.check_model(body.model)
         st.generative("completions")
-        prompts = st.prompts(body.prompt)
+        prompts = await st.prompts(body.prompt)   # limits checked, then tokenized off the loop
         max_tokens = body.max_tokens or 16   # OpenAI's default for completions
         params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=st.defaults,
                                  limits=st.limits, stream=body.stream)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        requests = [st.make_request(f"{rid}-{i}", prompt, params, f"prompt {i}")
+        salt = st.cache_salt(body, raw)
+        requests = [st.make_request(f"{rid}-{i}", prompt, params, f"prompt {i}", salt)
                     for i, prompt in enumerate(prompts)]
         return await st.respond(requests, ResponseBuilder("completion", rid, model, body.n, body.logprobs),
                                 body, raw)
@@ -76,60 +96,39 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         model = st.check_model(body.model)
         st.generative("chat completions")
-        prompt = st.chat_prompt(body.messages, body.add_generation_prompt)
+        prompt = await st.chat_prompt(body.messages, body.add_generation_prompt)
         max_tokens = (body.max_completion_tokens or body.max_tokens
                       or max(1, engine.max_model_len - len(prompt.token_ids)))
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
         params = sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, defaults=st.defaults,
                                  limits=st.limits, stream=body.stream)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        requests = [st.make_request(rid, dataclasses.replace(prompt, text=None), params, "messages")]
+        requests = [st.make_request(rid, dataclasses.replace(prompt, text=None), params, "messages",
+                                    st.cache_salt(body, raw))]
         return await st.respond(requests, ResponseBuilder("chat", rid, model, body.n, num_logprobs,
                                                                  engine.tokenizer), body, raw)
 
-    @app.post("/v1/embeddings")
-    async def embeddings(body: EmbeddingRequest):
-        model = st.check_model(body.model)
-        inputs = st.split(body.input, "input")
-
-        def run():
-            batch = engine.preprocess(list(inputs))
-            return engine.embed(batch), sum(len(ids) for ids in batch.input_ids)
-
-        try:
-            vectors, num_tokens = await asyncio.get_running_loop().run_in_executor(None, run)
-        except ValueError as err:
-            raise APIError(400, str(err), param="input") from None
-        data = []
-        for i, vec in enumerate(vectors):
-            emb = (base64.b64encode(vec.float().numpy().tobytes()).decode() if body.encoding_format == "base64"
-                   else vec.tolist())
-            data.append({"object": "embedding", "index": i, "embedding": emb})
-        return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": num_tokens, "total_tokens": num_tokens}}
-
-    @app.post("/tokenize")
-    async def tokenize(body: TokenizeRequest):
-        st.check_model(body.model)
-        if engine.tokenizer is None:
-            raise APIError(400, "this model has no tokenizer")
-        if (body.prompt is None) == (body.messages is None):
-            raise APIError(400, "send exactly one of prompt and messages", param="prompt")
-        prompt = (engine.input_processor.prompt(body.prompt, add_special_tokens=body.add_special_tokens)
-                  if body.prompt is not None else st.chat_prompt(body.messages, body.add_generation_prompt))
-        ids = prompt.token_ids
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+    # /v1/embeddings, /v1/score, /v1/rerank, /classify: routes_pooling.py; /tokenize, /ping,
+    # /version, /v1/models/{id}: routes_misc.py; /v1/responses: routes_responses.py.
+    register_pooling_routes(app, st)
+    register_misc_routes(app, st)
+    register_responses_routes(app, st)
 
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest):
         st.check_model(body.model)
         if engine.tokenizer is None:
             raise APIError(400, "this model has no tokenizer")
-        bad = [t for t in body.tokens if not 0 <= t < engine.vocab_size]
-        if bad:
-            raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {engine.vocab_size})",
-                           param="tokens")
-        return {"prompt": engine.tokenizer.decode(body.tokens)}
+
+        def run():   # off the loop: the check and the decode are linear in the (body-sized) list
+            tokens = body.tokens
+            if tokens and (min(tokens) < 0 or max(tokens) >= engine.vocab_size):   # loops in C
+                bad = next(t for t in tokens if not 0 <= t < engine.vocab_size)
+                raise APIError(400, f"token id {bad} is outside the vocabulary [0, {engine.vocab_size})",
+                               param="tokens")
+            return {"prompt": decode(engine.tokenizer, body.tokens)}
+
+        return await st.offload.json(run)
 
     return app
 

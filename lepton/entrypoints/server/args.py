@@ -1,13 +1,21 @@
 """``lepton serve MODEL``: flags (named as in ``vllm serve``), model loading with progress, uvicorn.
 
-Shutdown on SIGTERM / SIGINT: uvicorn stops accepting connections, gives in-flight requests
-GRACE_SECONDS to finish, then cancels them (their streams abort and free their blocks); the
-engine loop is stopped last. The process exits well within 10 s.
+Shutdown on SIGTERM / SIGINT: uvicorn stops accepting connections, and in-flight requests get
+--timeout-graceful-shutdown seconds (GRACE_SECONDS) to finish; then the drain (drain.py) ends the
+rest cleanly: streams with an error event and ``[DONE]``, other requests with a JSON 503, their
+engine work aborted. uvicorn's own deadline comes DRAIN_MARGIN_SECONDS later, as a backstop.
+The engine loop is stopped last. With the defaults the process exits well within 10 s.
+
+Connection limits (connections.py, middleware.py), each with a flag: request headers must
+arrive within --timeout-header seconds, a body within --timeout-body (408 past either), an idle
+kept-alive connection closes after --timeout-keep-alive, and connections beyond
+--max-connections are answered 503 at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -16,6 +24,17 @@ import time
 from lepton.entrypoints.cli.io import add_engine_arguments, engine_kwargs, positive_int
 
 GRACE_SECONDS = 4
+DRAIN_MARGIN_SECONDS = 2   # uvicorn's deadline, after ours: time for the clean endings to go out
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise ValueError(text)
+    return value
+
+
+positive_float.__name__ = "number > 0"   # argparse names the type in "invalid <name> value"
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,10 +50,43 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-pending", type=positive_int, default=1024, help="queued requests before 429")
     parser.add_argument("--max-body-bytes", type=positive_int, default=10 << 20, help="request body limit (413)")
     parser.add_argument("--max-prompts", type=positive_int, default=256, help="prompts per request (413)")
+    parser.add_argument("--max-prompt-chars", type=positive_int, default=2 << 20,
+                        help="characters of text one request may have tokenized, all its prompts or "
+                             "messages together; checked before tokenizing (413; default %(default)d)")
+    parser.add_argument("--max-stream-buffer-tokens", type=positive_int, default=1024,
+                        help="output tokens a stream may have waiting for its client to read them; past "
+                             "that the request is aborted (default %(default)d)")
     parser.add_argument("--max-n", type=positive_int, default=16)
     parser.add_argument("--max-logprobs", type=positive_int, default=20)
     parser.add_argument("--max-stop", type=positive_int, default=16)
     parser.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    add_isolation_arguments(parser)
+    add_connection_arguments(parser)
+
+
+def add_isolation_arguments(parser: argparse.ArgumentParser) -> None:
+    """What one user can learn of another's prompts (README, "Prefix cache and privacy")."""
+    group = parser.add_argument_group("isolation")
+    group.add_argument("--cache-salt-by-api-key", action="store_true",
+                       help="give each API key its own prefix-cache partition (needs --api-key)")
+    group.add_argument("--metrics-public", action="store_true",
+                       help="serve /metrics without a key even when --api-key is set")
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("connections")
+    group.add_argument("--timeout-header", type=positive_float, default=10.0,
+                       help="seconds for a request's headers to arrive (408, then the connection closes; "
+                            "default %(default)g)")
+    group.add_argument("--timeout-body", type=positive_float, default=30.0,
+                       help="seconds for a request's body to arrive after its headers (408; default %(default)g)")
+    group.add_argument("--timeout-keep-alive", type=positive_float, default=5.0,
+                       help="seconds an idle kept-alive connection stays open (default %(default)g)")
+    group.add_argument("--max-connections", type=positive_int, default=1024,
+                       help="open connections at most; more are answered 503 at once (default %(default)d)")
+    group.add_argument("--timeout-graceful-shutdown", type=positive_float, default=GRACE_SECONDS,
+                       help="after SIGTERM, seconds in-flight requests get to finish before they are "
+                            "ended with an error (default %(default)g)")
 
 
 def _api_keys(args) -> list[str]:
@@ -66,9 +118,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from lepton.engine.engine import Engine
     from lepton.entrypoints.server.api_server import build_app
+    from lepton.entrypoints.server.connections import limited_protocol
 
     try:   # before the model loads: a bad key setting fails at once
         api_keys = _api_keys(args)
+        if args.cache_salt_by_api_key and not api_keys:
+            raise ValueError("--cache-salt-by-api-key needs --api-key (or LEPTON_API_KEY): without keys "
+                             "there is nothing to salt by")
     except ValueError as err:
         print(f"lepton serve: {err}", file=sys.stderr)
         return 2
@@ -91,8 +147,11 @@ def run_serve(args: argparse.Namespace) -> int:
         engine = Engine(args.model, **engine_kwargs(args))
         app = build_app(engine, served_model_name=args.served_model_name, api_keys=api_keys,
                         chat_template=chat_template, max_body_bytes=args.max_body_bytes,
-                        max_pending=args.max_pending, max_prompts=args.max_prompts, max_n=args.max_n,
-                        max_logprobs=args.max_logprobs, max_stop=args.max_stop)
+                        metrics_public=args.metrics_public, cache_salt_by_api_key=args.cache_salt_by_api_key,
+                        body_timeout=args.timeout_body, max_pending=args.max_pending,
+                        max_prompts=args.max_prompts, max_n=args.max_n, max_logprobs=args.max_logprobs,
+                        max_stop=args.max_stop, max_prompt_chars=args.max_prompt_chars,
+                        max_stream_buffer_tokens=args.max_stream_buffer_tokens)
     except (ValueError, FileNotFoundError) as err:
         print(f"lepton serve: {err}", file=sys.stderr)
         return 1
@@ -104,18 +163,26 @@ def run_serve(args: argparse.Namespace) -> int:
                   if engine.num_kv_blocks else "")
     print(f"lepton: loaded in {time.perf_counter() - start:.1f} s on {engine.device} ({engine.dtype}), "
           f"weights {_gib(weights)}{cache_note}", flush=True)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=GRACE_SECONDS, access_log=False)
-    server = _Server(config)
+    protocol = limited_protocol(header_timeout=args.timeout_header, max_connections=args.max_connections)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, http=protocol,
+                            timeout_keep_alive=args.timeout_keep_alive, access_log=False,
+                            timeout_graceful_shutdown=args.timeout_graceful_shutdown + DRAIN_MARGIN_SECONDS)
+    server = _Server(config, app.state.drain, args.timeout_graceful_shutdown)
     server.ready_line = f"lepton: ready at http://{args.host}:{args.port} (OpenAI API under /v1)"
+    # What startup built (the model, torch, the app) lives as long as the process: frozen, the
+    # cyclic GC never walks it again. Else each oldest-generation collection walks it all while
+    # holding the GIL, a 50-150 ms pause of every stream (as vLLM's server does too).
+    gc.collect()
+    gc.freeze()
     server.run()
     return 0
 
 
 class _Server:
-    """uvicorn.Server that prints one ready line once the socket is listening."""
+    """uvicorn.Server that prints one ready line once the socket is listening, and starts the
+    app's drain as its shutdown begins (SIGTERM, SIGINT)."""
 
-    def __new__(cls, config):
+    def __new__(cls, config, drain, drain_timeout: float):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -125,5 +192,9 @@ class _Server:
                 await super().startup(sockets)
                 if self.started:
                     print(self.ready_line, flush=True)
+
+            async def shutdown(self, sockets=None):
+                drain.begin(drain_timeout)
+                await super().shutdown(sockets)
 
         return Server(config)

@@ -17,8 +17,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 logger = logging.getLogger("lepton.entrypoints.server")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 405: "invalid_request_error", 413: "request_too_large",
-               429: "rate_limit_error", 500: "internal_server_error", 503: "service_unavailable"}
+               404: "not_found_error", 405: "invalid_request_error", 408: "timeout_error",
+               413: "request_too_large", 429: "rate_limit_error", 500: "internal_server_error",
+               503: "service_unavailable"}
 
 
 class APIError(Exception):

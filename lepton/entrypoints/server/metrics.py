@@ -6,7 +6,7 @@ Each app has its own CollectorRegistry, so several servers (tests) can live in o
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from lepton.engine.metrics import RequestMetrics
@@ -43,6 +43,15 @@ class _EngineCollector:
         yield CounterMetricFamily("lepton_requests_finished", "Requests finished.",
                                   value=stats.num_requests_finished)
         yield CounterMetricFamily("lepton_requests_aborted", "Requests aborted.", value=stats.num_requests_aborted)
+        ae = self.async_engine
+        yield CounterMetricFamily("lepton_stream_backpressure_aborts",
+                                  "Streams aborted because their client fell behind reading them "
+                                  "(more than --max-stream-buffer-tokens output tokens buffered).",
+                                  value=ae.num_backpressure_aborts)
+        yield GaugeMetricFamily("lepton_requests_unread", "Finished requests whose output their client "
+                                "has not read yet (they count toward --max-pending).", value=ae.num_unread())
+        yield GaugeMetricFamily("lepton_stream_buffered_tokens", "Output tokens waiting for their "
+                                "clients to read them.", value=ae.buffered_tokens())
 
 
 class ServerMetrics:
@@ -56,6 +65,10 @@ class ServerMetrics:
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
         self.e2e = Histogram("lepton_e2e_request_latency_seconds", "Arrival to finish.",
                              buckets=_LATENCY_BUCKETS, registry=self.registry)
+        # Counted as text is handed to the tokenizer, after the size limits: a request refused by
+        # them (413) adds nothing.
+        self.tokenized_chars = Counter("lepton_tokenized_chars", "Characters of text the server "
+                                       "tokenized (prompts, messages, inputs).", registry=self.registry)
 
     def observe(self, metrics: RequestMetrics | None) -> None:
         if metrics is None:

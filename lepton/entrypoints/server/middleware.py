@@ -1,4 +1,5 @@
-"""ASGI guards that run before any route: API keys, the request-body size limit and its media type.
+"""ASGI guards that run before any route: API keys, the request-body size limit, the time the
+body may take to arrive, and its media type.
 
 Written as plain ASGI (not Starlette's BaseHTTPMiddleware) so streaming responses and client
 disconnects pass through untouched.
@@ -6,12 +7,19 @@ disconnects pass through untouched.
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import hmac
 import json
 
 from lepton.entrypoints.server.errors import APIError
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})   # reachable without a key (probes, scrapers)
+OPEN_PATHS = frozenset({"/health", "/ping"})   # reachable without a key (probes; /ping: hosted platforms)
+# /metrics too with --metrics-public: its prefix-cache counters tell whether a prompt was cached.
+METRICS_PATH = "/metrics"
+# scope["state"] entry (request.state.<name> in a route): which API key authorized the request,
+# as a digest, so the key itself never travels further than this file.
+KEY_ID_STATE = "api_key_id"
 
 
 async def _send_error(send, err: APIError, headers: list | None = None) -> None:
@@ -32,26 +40,37 @@ def _json_media_type(value: bytes | None) -> bool:
 
 
 class GuardMiddleware:
-    def __init__(self, app, api_keys: list[str], max_body_bytes: int):
+    """``body_timeout``: seconds the whole body may take to arrive after the headers (None: no
+    limit); a client that sends less than its Content-Length gets 408 and the connection closes."""
+
+    def __init__(self, app, api_keys: list[str], max_body_bytes: int, *, metrics_public: bool = False,
+                 body_timeout: float | None = None):
         self.app = app
         self.keys = [k.encode() for k in api_keys]
+        self.key_ids = [hashlib.sha256(k).hexdigest()[:32] for k in self.keys]
+        self.open_paths = OPEN_PATHS | ({METRICS_PATH} if metrics_public else set())
         self.max_body_bytes = max_body_bytes
+        self.body_timeout = body_timeout
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    def _key_index(self, headers: dict[bytes, bytes]) -> int | None:
+        """Index of the key the request presents, None when it presents none of them."""
         value = headers.get(b"authorization", b"")
         token = value[7:].strip() if value[:7].lower() == b"bearer " else b""
         # Compare with every key, always: the time taken does not tell which key came close.
         matches = [hmac.compare_digest(token, key) for key in self.keys]
-        return any(matches)
+        return matches.index(True) if any(matches) else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
-        if self.keys and scope["path"] not in OPEN_PATHS and not self._authorized(headers):
-            return await _send_error(send, APIError(401, "missing or invalid API key: send "
-                                                         "'Authorization: Bearer <key>'"),
-                                     [(b"www-authenticate", b"Bearer")])
+        if self.keys and scope["path"] not in self.open_paths:
+            index = self._key_index(headers)
+            if index is None:
+                return await _send_error(send, APIError(401, "missing or invalid API key: send "
+                                                             "'Authorization: Bearer <key>'"),
+                                         [(b"www-authenticate", b"Bearer")])
+            scope.setdefault("state", {})[KEY_ID_STATE] = self.key_ids[index]
         length = headers.get(b"content-length")
         if length is not None:
             try:
@@ -63,8 +82,16 @@ class GuardMiddleware:
         # Read the whole body here, before the app: an oversized chunked upload is refused with
         # 413 (FastAPI would turn an error raised while it parses into a 400).
         chunks, received = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = None if self.body_timeout is None else loop.time() + self.body_timeout
         while True:
-            message = await receive()
+            try:
+                message = await (receive() if deadline is None
+                                 else asyncio.wait_for(receive(), max(0.0, deadline - loop.time())))
+            except asyncio.TimeoutError:   # a body shorter than announced would hold the connection
+                return await _send_error(send, APIError(
+                    408, f"the request body did not arrive within {self.body_timeout:g} s (--timeout-body)"),
+                    [(b"connection", b"close")])
             if message["type"] != "http.request":   # the client left before sending it all
                 return
             chunks.append(message.get("body", b""))

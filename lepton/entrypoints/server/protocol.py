@@ -1,17 +1,18 @@
 """Request bodies of the OpenAI-compatible API, and their translation to SamplingParams.
 
 Fields follow OpenAI's completions and chat completions APIs, plus vLLM's extensions (top_k,
-min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids). Unknown fields are ignored,
-as OpenAI's own server does. Unset sampling fields take the checkpoint's generation_config.json
-defaults, then OpenAI's.
+min_p, repetition_penalty, ignore_eos, min_tokens, stop_token_ids, cache_salt). Unknown fields
+are ignored, as OpenAI's own server does. Unset sampling fields take the checkpoint's
+generation_config.json defaults, then OpenAI's.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
+from lepton.engine.input_processor import MAX_CACHE_SALT_CHARS
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.entrypoints.server.errors import APIError
 
@@ -25,7 +26,13 @@ def _not_a_bool(value: Any) -> Any:
 
 Int = Annotated[int, BeforeValidator(_not_a_bool)]
 Float = Annotated[float, BeforeValidator(_not_a_bool)]
-TokenIds = list[Int]
+# A body may hold millions of token ids, validated on the event loop: strict ints (no boolean, no
+# float) are checked in pydantic's core, without a Python call per id, and fail_fast stops at the
+# first bad item instead of collecting an error per item (as a union's other members would).
+TokenIds = Annotated[list[Annotated[int, Strict()]], Field(fail_fast=True)]
+Prompts = Union[str, Annotated[list[str], Field(fail_fast=True)], TokenIds,
+                Annotated[list[TokenIds], Field(fail_fast=True)]]
+_SCALARS = frozenset({int, float, bool, type(None)})
 
 
 def _surrogate_at(value: Any, where: str) -> str | None:
@@ -46,6 +53,8 @@ def _surrogate_at(value: Any, where: str) -> str | None:
             if found is not None:
                 return found
     elif isinstance(value, list):
+        if _SCALARS.issuperset(map(type, value)):   # token ids: no text, skipped at C speed
+            return None
         for i, item in enumerate(value):
             found = _surrogate_at(item, f"{where}[{i}]")
             if found is not None:
@@ -93,10 +102,12 @@ class _Common(RequestBody):
     min_tokens: Int = Field(default=0, ge=0)
     user: str | None = None
     skip_special_tokens: bool = True
+    # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
 
 
 class CompletionRequest(_Common):
-    prompt: Union[str, list[str], TokenIds, list[TokenIds]]
+    prompt: Prompts
     logprobs: Int | None = Field(default=None, ge=0)
     echo: bool = False
 
@@ -116,19 +127,8 @@ class ChatCompletionRequest(_Common):
     add_generation_prompt: bool = True
 
 
-class EmbeddingRequest(RequestBody):
-    model: str | None = None
-    input: Union[str, list[str], TokenIds, list[TokenIds]]
-    encoding_format: Literal["float", "base64"] = "float"
-    user: str | None = None
-
-
-class TokenizeRequest(RequestBody):
-    model: str | None = None
-    prompt: str | None = None
-    messages: list[ChatMessage] | None = None
-    add_special_tokens: bool = True
-    add_generation_prompt: bool = True
+# /v1/embeddings, /tokenize and the other pooling routes: protocol_pooling.py; /v1/responses:
+# protocol_responses.py.
 
 
 class DetokenizeRequest(RequestBody):

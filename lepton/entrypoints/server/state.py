@@ -1,23 +1,35 @@
 """Per-server state and the request plumbing shared by the routes of api_server.py: model and
-limit checks, tokenization, and running requests on the AsyncEngine (streamed or whole)."""
+limit checks, tokenization, and running requests on the AsyncEngine (streamed or whole).
+
+Tokenizing and chat templating run on the offload pool (offload.py), after the count and
+character limits are checked on the event loop; the loop itself never waits for them.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
 
-from lepton.engine.async_engine import AsyncEngine
+from lepton.engine.async_engine import AsyncEngine, EngineStepError, StreamBackpressureError
 from lepton.engine.input_processor import Prompt
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.metrics import ServerMetrics
+from lepton.entrypoints.server.offload import Offload, check_chars, text_chars
+from lepton.entrypoints.server.middleware import KEY_ID_STATE
 from lepton.entrypoints.server.protocol import message_dicts
 from lepton.entrypoints.server.responses import SSE_DONE, ResponseBuilder, sse
 from lepton.model_executor.config_checks import read_generation_config
+from lepton.tokenizer import apply_chat_template
 
-DEFAULT_LIMITS = dict(max_n=16, max_logprobs=20, max_stop=16, max_prompts=256, max_pending=1024)
+# max_prompt_chars: text one request may have tokenized (2 Mi characters: about half a million
+# tokens of English, several full contexts of a long-context model, a few seconds of tokenizing);
+# max_stream_buffer_tokens: output tokens a stream may have waiting for its reader (AsyncEngine).
+DEFAULT_LIMITS = dict(max_n=16, max_logprobs=20, max_stop=16, max_prompts=256, max_pending=1024,
+                      max_prompt_chars=2 << 20, max_stream_buffer_tokens=1024)
 
 
 def _generation_defaults(path: Path) -> dict:
@@ -28,12 +40,15 @@ def _generation_defaults(path: Path) -> dict:
 class ServerState:
     def __init__(self, engine, served_model_name, chat_template, limits: dict):
         self.engine = engine
-        self.async_engine = AsyncEngine(engine) if engine.is_generative else None
+        self.async_engine = (AsyncEngine(engine, max_buffered_tokens=limits["max_stream_buffer_tokens"])
+                             if engine.is_generative else None)
+        self.offload = Offload()
         self.names = list(served_model_name or [Path(engine.model_path).name])
         self.chat_template = chat_template
         self.limits = limits
         self.defaults = _generation_defaults(Path(engine.model_path))
         self.metrics = ServerMetrics(self.async_engine)
+        self.cache_salt_by_api_key = False   # --cache-salt-by-api-key (build_app sets it)
 
     # ---- checks -----------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -57,31 +72,60 @@ class ServerState:
         if len(requests) > self.limits["max_pending"]:   # could never fit: not a "retry later"
             raise APIError(413, f"this request holds {len(requests)} prompts, more than the server queues at "
                                 f"once ({self.limits['max_pending']}, --max-pending); split it")
-        if self.async_engine.num_waiting() + len(requests) > self.limits["max_pending"]:
-            raise APIError(429, f"too many requests queued (limit {self.limits['max_pending']}); retry later")
+        # Finished requests whose client has not read them yet hold their output: they count.
+        pending = self.async_engine.num_waiting() + self.async_engine.num_unread()
+        if pending + len(requests) > self.limits["max_pending"]:
+            raise APIError(429, f"too many requests queued or unread (limit {self.limits['max_pending']}); "
+                                "retry later")
         try:
             return [(r.request_id, self.async_engine.submit(r)) for r in requests]
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
-    def make_request(self, request_id: str, prompt: Prompt, params, label: str):
+    def make_request(self, request_id: str, prompt: Prompt, params, label: str, cache_salt: str | None = None):
         """The engine's input processor validates; its ValueError is the client's 400."""
         try:
-            return self.engine.input_processor.process(request_id, prompt, params, label=label)
+            return self.engine.input_processor.process(request_id, prompt, params, label=label,
+                                                       cache_salt=cache_salt)
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
-    def prompts(self, prompt) -> list[Prompt]:
-        """A completions prompt (string, strings, token ids, lists of token ids) -> Prompts; the
-        count limit is checked before anything is tokenized."""
+    def cache_salt(self, body, raw: Request) -> str | None:
+        """A request's prefix-cache partition: its body's cache_salt; with --cache-salt-by-api-key,
+        nested inside its API key's own partition, so no two keys ever share a cached block."""
+        key_id = getattr(raw.state, KEY_ID_STATE, None) if self.cache_salt_by_api_key else None
+        if key_id is None:
+            return body.cache_salt
+        if body.cache_salt is None:
+            return f"key:{key_id}"
+        # Hashed, so the nested salt stays within the engine's length limit whatever the body's is.
+        return f"key:{key_id}/{hashlib.sha256(body.cache_salt.encode()).hexdigest()}"
+
+    async def prompts(self, prompt) -> list[Prompt]:
+        """A completions prompt (string, strings, token ids, lists of token ids) -> Prompts. The
+        limits are checked first; then, on the offload pool, each prompt is tokenized and checked
+        against the model's length, so the first that can never run ends the work (400)."""
         items = self.split(prompt, "prompt")
+        return await self.offload.run(self._generation_prompts, items)
+
+    def _generation_prompts(self, items: list) -> list[Prompt]:
+        processor, prompts = self.engine.input_processor, []
         try:
-            return [self.engine.input_processor.prompt(p, i) for i, p in enumerate(items)]
+            for i, item in enumerate(items):
+                prompts.append(self.tokenize(item, i))
+                processor.check_prompt(prompts[-1].token_ids, f"prompt {i}", generation=True)
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from None
+        return prompts
+
+    def tokenize(self, item, index: int | None = None, *, add_special_tokens: bool = True) -> Prompt:
+        """One prompt -> Prompt (off the loop: text is tokenized here, and counted)."""
+        self.metrics.tokenized_chars.inc(text_chars(item))
+        return self.engine.input_processor.prompt(item, index, add_special_tokens=add_special_tokens)
 
     def split(self, prompts, param: str) -> list:
-        """The single prompts of a request, counted against max_prompts before any is tokenized."""
+        """The single prompts of a request, counted against max_prompts and max_prompt_chars
+        before any is tokenized."""
         try:
             items = self.engine.input_processor.split(prompts, what=param)
         except ValueError as err:
@@ -89,12 +133,29 @@ class ServerState:
         if len(items) > self.limits["max_prompts"]:
             raise APIError(413, f"at most {self.limits['max_prompts']} prompts per request, got {len(items)}",
                            param=param)
+        check_chars(text_chars(items), self.limits["max_prompt_chars"], param)
         return items
 
-    def chat_prompt(self, messages, add_generation_prompt: bool = True) -> Prompt:
+    async def chat_prompt(self, messages, add_generation_prompt: bool = True, *,
+                          generation: bool = True) -> Prompt:
+        """The chat template's prompt for ``messages``: the character limit is checked first, then
+        it is rendered and tokenized on the offload pool; with ``generation``, a prompt too long
+        for the model is refused there (400)."""
+        conversation = message_dicts(messages)
+        check_chars(text_chars(conversation), self.limits["max_prompt_chars"], "messages")
+        return await self.offload.run(self._chat_prompt, conversation, add_generation_prompt, generation)
+
+    def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool, generation: bool) -> Prompt:
+        processor = self.engine.input_processor
+        self.metrics.tokenized_chars.inc(text_chars(conversation))
         try:
-            return self.engine.input_processor.chat(message_dicts(messages), self.chat_template,
-                                                    add_generation_prompt)[0]
+            # Not processor.chat: it also decodes the ids back to text, which the server never
+            # uses, and a fast tokenizer's decode holds the GIL (about 0.1 s for 500k tokens).
+            prompt = Prompt(None, apply_chat_template(self.engine.tokenizer, conversation, self.chat_template,
+                                                      add_generation_prompt))
+            if generation:
+                processor.check_prompt(prompt.token_ids, "messages", generation=True)
+            return prompt
         except ValueError as err:
             raise APIError(400, str(err), param="messages") from None
         except Exception as err:  # a template that fails on these messages (jinja raises its own)
@@ -109,16 +170,19 @@ class ServerState:
             async for out in ae.outputs(*handles[0]):
                 yield 0, out
             return
-        queue: asyncio.Queue = asyncio.Queue()
+        # Bounded: a pump waits while the consumer (a client that does not read) is behind, so
+        # outputs stay in the engine's per-request queues, where backpressure counts them.
+        queue: asyncio.Queue = asyncio.Queue(maxsize=len(handles))
 
         async def pump(i, handle):
             try:
                 async for out in ae.outputs(*handle):
-                    queue.put_nowait((i, out))
-            except BaseException as err:  # noqa: BLE001 (handed to the consumer)
-                queue.put_nowait((i, err))
-            finally:
-                queue.put_nowait((i, None))
+                    await queue.put((i, out))
+            except asyncio.CancelledError:   # the consumer is gone: nobody to tell
+                raise
+            except Exception as err:  # noqa: BLE001 (handed to the consumer)
+                await queue.put((i, err))
+            await queue.put((i, None))
 
         tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
         try:
@@ -166,7 +230,9 @@ class ServerState:
             await asyncio.gather(work, watch, return_exceptions=True)
         if work.cancelled():
             return Response(status_code=499)   # nobody is listening any more
-        return builder.response(work.result())
+        if isinstance(work.exception(), EngineStepError):   # the engine loop logged it, and serves on
+            raise APIError(500, str(work.exception()))
+        return await self.offload.json(builder.response, work.result())
 
     async def stream(self, requests, handles, builder: ResponseBuilder, include_usage: bool):
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
@@ -178,6 +244,8 @@ class ServerState:
                     self.metrics.observe(out.metrics)
             if include_usage:
                 yield sse(builder.usage_chunk(prompt_tokens))
+        except StreamBackpressureError as err:   # the client read too slowly: say so
+            yield sse(APIError(503, f"{err} (--max-stream-buffer-tokens)", code="stream_buffer_full").body())
         except Exception as err:  # noqa: BLE001 (reported in the stream: the status is already sent)
             yield sse(APIError(500, f"generation failed: {type(err).__name__}").body())
         yield SSE_DONE
