@@ -108,7 +108,6 @@ class AsyncEngine:
     async def outputs(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
         """The outputs of a submitted request; stopping early (break, cancel) aborts it. One
         aborted for falling behind ends with its last output, then StreamBackpressureError."""
-        finished = False
         try:
             while True:
                 item = await queue.get()
@@ -116,22 +115,27 @@ class AsyncEngine:
                     self._backlog[request_id] = self._backlog.get(request_id, 0) - _num_tokens(item)
                 if isinstance(item, BaseException):
                     raise item
-                finished = item.finished
                 yield item
-                if finished:
+                if item.finished:
                     if request_id in self._overflowed and any(c.finish_reason == "abort" for c in item.outputs):
                         raise StreamBackpressureError(
                             f"the stream was aborted: more than {self.max_buffered_tokens} output tokens "
                             "waited for the client to read them")
                     return
         finally:
-            with self._mutex:
-                self._streams.pop(request_id, None)
-                self._backlog.pop(request_id, None)
-                self._unread.discard(request_id)
-                self._overflowed.discard(request_id)
-            if not finished:
-                self._abort_soon(request_id)
+            self.release(request_id)
+
+    def release(self, request_id: str) -> None:
+        """Let go of a submitted request: what waits for its reader is dropped and, if it still
+        runs, it is aborted. ``outputs`` does it when it stops; a caller whose reader may never
+        have started (a client gone before its stream began) calls it too. Idempotent."""
+        with self._mutex:
+            running = self._streams.pop(request_id, None) is not None   # its last output is not out yet
+            self._backlog.pop(request_id, None)
+            self._unread.discard(request_id)
+            self._overflowed.discard(request_id)
+        if running:
+            self._abort_soon(request_id)
 
     async def stream_prepared(self, request) -> AsyncIterator[RequestOutput]:
         """``stream`` for a request already made (and so validated) by the input processor."""

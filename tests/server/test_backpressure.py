@@ -162,3 +162,22 @@ def test_finished_but_unread_requests_count_toward_max_pending(two_pending):
     # A client that leaves without reading frees its place too.
     wait_metric(url, "lepton_requests_unread", lambda v: v == 0)
     wait_metric(url, "lepton_stream_buffered_tokens", lambda v: v == 0)
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_client_that_leaves_unread_leaves_nothing_behind(small_buffer, stream):
+    """Sent, running, then the connection closed without a byte read: the request is aborted,
+    and nothing of it stays counted as unread or buffered."""
+    url = small_buffer.url
+    before = read_metrics(url)
+    sock = send_and_never_read(small_buffer, dict(FLOOD, n=1, stream=stream))
+    try:
+        wait_metric(url, "lepton_generation_tokens_total", lambda v: v > before["lepton_generation_tokens_total"])
+    finally:
+        sock.close()
+    wait_metric(url, "lepton_requests_aborted_total", lambda v: v == before["lepton_requests_aborted_total"] + 1)
+    values = wait_metric(url, "lepton_requests_running", lambda v: v == 0)
+    assert values["lepton_requests_unread"] == 0 and values["lepton_stream_buffered_tokens"] == 0
+    assert values["lepton_kv_cache_usage"] == 0.0
+    generated = values["lepton_generation_tokens_total"] - before["lepton_generation_tokens_total"]
+    assert generated < FLOOD["max_tokens"]   # cut short, not run to its end

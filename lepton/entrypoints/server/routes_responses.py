@@ -24,7 +24,6 @@ import time
 import uuid
 
 from fastapi import FastAPI, Request
-from fastapi.responses import StreamingResponse
 
 from lepton.engine.async_engine import StreamBackpressureError
 from lepton.entrypoints.server.errors import APIError
@@ -174,5 +173,5 @@ def register_responses_routes(app: FastAPI, st) -> None:
         view = ResponseView(rid, model, body, params)
         if body.stream:
             handles = st.submit([request])   # 429 / 413 before the stream starts
-            return StreamingResponse(view.events(st, handles), media_type="text/event-stream")
+            return st.stream_response(view.events(st, handles), handles)   # lets go of them however it ends
         return await st.respond([request], view, body, raw)

@@ -37,6 +37,22 @@ def _generation_defaults(path: Path) -> dict:
     return read_generation_config(path)
 
 
+class _ReleasingStream(StreamingResponse):
+    """An SSE response that lets go of its engine requests however it ends. A client that leaves
+    before the first chunk cancels the response before its body generator ever ran, and a
+    generator that never ran never runs its cleanup: its requests would run on, never read."""
+
+    def __init__(self, content, release):
+        super().__init__(content, media_type="text/event-stream")
+        self._release = release
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
+
+
 class ServerState:
     def __init__(self, engine, served_model_name, chat_template, limits: dict):
         self.engine = engine
@@ -213,7 +229,7 @@ class ServerState:
         handles = self.submit(requests)
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(self.stream(requests, handles, builder, usage), media_type="text/event-stream")
+            return self.stream_response(self.stream(requests, handles, builder, usage), handles)
         work = asyncio.ensure_future(self.final(handles))
 
         async def disconnected():
@@ -228,11 +244,21 @@ class ServerState:
             if not work.done():
                 work.cancel()   # its requests abort as the cancellation unwinds them
             await asyncio.gather(work, watch, return_exceptions=True)
+            self.release(handles)   # a task cancelled before it ran never started reading
         if work.cancelled():
             return Response(status_code=499)   # nobody is listening any more
         if isinstance(work.exception(), EngineStepError):   # the engine loop logged it, and serves on
             raise APIError(500, str(work.exception()))
         return await self.offload.json(builder.response, work.result())
+
+    def stream_response(self, content, handles) -> StreamingResponse:
+        """``content`` (server-sent events) as the response; whatever ``handles`` still run or
+        wait for their reader when it ends are let go (aborted, their outputs dropped)."""
+        return _ReleasingStream(content, lambda: self.release(handles))
+
+    def release(self, handles) -> None:
+        for request_id, _ in handles:
+            self.async_engine.release(request_id)
 
     async def stream(self, requests, handles, builder: ResponseBuilder, include_usage: bool):
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
