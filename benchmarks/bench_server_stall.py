@@ -32,6 +32,8 @@ from pathlib import Path
 
 import httpx
 
+from bench_throughput import markdown
+
 REPO = Path(__file__).resolve().parents[1]
 SENTENCE = "The quick brown fox jumps over the lazy dog. "
 
@@ -174,13 +176,6 @@ def run_case(url: str, path: str, body: dict, idle_seconds: float) -> dict:
     return {"status": status, "request_MB": round(len(payload) / 1e6, 2), "request_s": round(end - start, 3),
             "max_health_ms": round(1e3 * poller.max_latency(start, end), 1),
             "max_token_gap_ms": round(1e3 * gap, 1), "gap_at_s": round(gap_end - start, 2)}
-
-
-def markdown(rows: list[dict]) -> str:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
