@@ -76,6 +76,9 @@ SURROGATE_CASES = [
     ("tokenize-prompt", "/tokenize", {"model": MODEL_NAME, "prompt": LONE}),
     ("tokenize-messages", "/tokenize", {"model": MODEL_NAME, "messages": [{"role": "user", "content": LONE}]}),
     ("detokenize-model", "/detokenize", {"model": LONE, "tokens": [40]}),
+    # bodies over json_codec.LARGE_BODY_BYTES, which the server parses another way
+    ("tokenize-prompt-large", "/tokenize", {"model": MODEL_NAME, "prompt": "x" * 100_000 + LONE}),
+    ("completion-large-ids", C, {"model": MODEL_NAME, "prompt": [[40] * 30_000, LONE], "max_tokens": 2}),
 ]
 
 

@@ -24,6 +24,7 @@ from fastapi.responses import Response
 
 from lepton.entrypoints.server.drain import Drain, DrainMiddleware
 from lepton.entrypoints.server.errors import APIError, install_handlers
+from lepton.entrypoints.server.json_codec import JSONRoute
 from lepton.entrypoints.server.middleware import GuardMiddleware
 from lepton.entrypoints.server.offload import decode
 from lepton.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
@@ -56,6 +57,7 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
             await asyncio.get_running_loop().run_in_executor(None, st.async_engine.shutdown)
 
     app = FastAPI(title="lepton", version="0.1.0", lifespan=lifespan)
+    app.router.route_class = JSONRoute   # large bodies parsed in short hold of the GIL
     app.state.lepton = st
     install_handlers(app)
     app.add_middleware(GuardMiddleware, api_keys=list(api_keys), max_body_bytes=max_body_bytes,

@@ -4,7 +4,7 @@ Tokenizing, chat templating, detokenizing and encoding a large JSON answer take 
 milliseconds to seconds (a 1 MB prompt: about a second). On the event loop they would stall
 every stream and every /health probe meanwhile, so routes hand them to ``Offload``, a small
 thread pool. Hugging Face fast tokenizers release the GIL while they encode, and the JSON
-encoder below works in pieces, so the loop keeps running while they do.
+encoder (json_codec.py) works in short pieces, so the loop keeps running while they do.
 
 The limits on what a request asks the pool for (the number of prompts, their characters) are
 checked on the loop first: a request that could never be served is refused (413) before any of
@@ -15,19 +15,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi.responses import Response
 
 from lepton.entrypoints.server.errors import APIError
+from lepton.entrypoints.server.json_codec import dumps
 
 # A few threads: one huge request then delays other requests' tokenization, not the loop.
 THREADS = max(2, min(4, os.cpu_count() or 1))
-# Lists longer than this are encoded a slice (or an item) at a time: json.dumps holds the GIL
-# for a whole call, and a call on 1M token ids would hold it for about 0.1 s.
-_SLICE = 4096
 
 
 class Offload:
@@ -46,40 +43,6 @@ class Offload:
 
     def shutdown(self) -> None:
         self.pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _dumps_small(value) -> str:
-    # As Starlette's JSONResponse encodes (so a NaN fails as it did there).
-    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-
-
-def dumps(value) -> str:
-    """``value`` as compact JSON, the same text as one json.dumps call, made in short calls."""
-    parts: list[str] = []
-    _encode(value, parts)
-    return "".join(parts)
-
-
-def _encode(value, parts: list[str]) -> None:
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        parts.append("{")
-        for i, (key, item) in enumerate(value.items()):
-            parts.append(("," if i else "") + _dumps_small(key) + ":")
-            _encode(item, parts)
-        parts.append("}")
-    elif isinstance(value, (list, tuple)) and len(value) > _SLICE:
-        parts.append("[")
-        if isinstance(value[0], (dict, list, tuple)):   # e.g. per-token logprobs: one at a time
-            for i, item in enumerate(value):
-                if i:
-                    parts.append(",")
-                _encode(item, parts)
-        else:                                            # token ids, embedding values: slices
-            parts.append(",".join(_dumps_small(list(value[i:i + _SLICE]))[1:-1]
-                                  for i in range(0, len(value), _SLICE)))
-        parts.append("]")
-    else:
-        parts.append(_dumps_small(value))
 
 
 def decode(tokenizer, token_ids: list[int]) -> str:

@@ -30,7 +30,8 @@ from fastapi.responses import Response
 
 from lepton.engine.tasks import Batch
 from lepton.entrypoints.server.errors import APIError
-from lepton.entrypoints.server.offload import check_chars, dumps, text_chars
+from lepton.entrypoints.server.json_codec import dumps
+from lepton.entrypoints.server.offload import check_chars, text_chars
 from lepton.entrypoints.server.protocol_pooling import (ClassifyRequest, EmbeddingsRequest, RerankRequest,
                                                          ScoreRequest, refuse_unsupported)
 from lepton.entrypoints.server.routes_misc import chat_tokens
