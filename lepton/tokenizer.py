@@ -36,9 +36,20 @@ def encode(tokenizer, text: str, add_special_tokens: bool = True) -> tuple[list[
     return list(enc["input_ids"]), (list(enc["token_type_ids"]) if "token_type_ids" in enc else None)
 
 
+# The arguments of transformers' apply_chat_template: chat_template_kwargs may not set them.
+TEMPLATE_ARGUMENTS = frozenset({
+    "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "continue_final_message",
+    "tokenize", "padding", "truncation", "max_length", "return_tensors", "return_dict",
+    "return_assistant_tokens_mask", "tokenizer_kwargs", "processor_kwargs", "sanitize_control_tokens"})
+
+
 def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None = None,
-                        add_generation_prompt: bool = True) -> list[int]:
-    """A conversation [{"role", "content"}, ...] -> prompt token ids, via the tokenizer's template."""
+                        add_generation_prompt: bool = True, *, continue_final_message: bool = False,
+                        template_kwargs: dict | None = None) -> list[int]:
+    """A conversation [{"role", "content"}, ...] -> prompt token ids, via the tokenizer's template.
+
+    continue_final_message: the last message is left open (no end-of-turn after it), so the model
+    continues it; template_kwargs: more variables for the template (e.g. enable_thinking)."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model folder has none")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -47,8 +58,16 @@ def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str 
     if not isinstance(conversation, list) or not all(
             isinstance(m, dict) and "role" in m and "content" in m for m in conversation):
         raise ValueError("a conversation must be a list of {'role': ..., 'content': ...} dicts")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("continue_final_message and add_generation_prompt cannot both be true: "
+                         "the first continues the last message, the second starts a new one")
+    reserved = set(template_kwargs or ()) & TEMPLATE_ARGUMENTS
+    if reserved:
+        raise ValueError(f"chat_template_kwargs cannot set {sorted(reserved)}: they are arguments of "
+                         "the template call, not template variables")
     text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
-                                         add_generation_prompt=add_generation_prompt)
+                                         add_generation_prompt=add_generation_prompt,
+                                         continue_final_message=continue_final_message, **(template_kwargs or {}))
     # The template writes the special tokens (bos, role markers) itself.
     return encode(tokenizer, text, add_special_tokens=False)[0]
 

@@ -12,6 +12,9 @@ that need no text: eos (after min_tokens, unless ignore_eos), stop_token_ids, an
 (prompt + max_tokens, capped at max_model_len). Stop strings need text: the output processor
 finds them and hands the sequences back through ``finish_stopped`` before the next step.
 
+A request with structured outputs waits outside the scheduler until its grammar is compiled
+(structured_output/manager.py); each step's sampled sequences then get their grammar's bitmask.
+
 A request with n > 1 forks when its prompt is done: the other n - 1 samples share the prompt's
 blocks (copy-on-write) and are sampled from the same logits in that step.
 
@@ -29,6 +32,7 @@ from lepton.engine.block_manager import BlockManager
 from lepton.engine.metrics import EngineStats
 from lepton.engine.scheduler import Scheduler
 from lepton.engine.sequence import Request, Sequence, SequenceStatus
+from lepton.engine.structured_output.manager import StructuredOutputManager
 from lepton.model_executor.executor import Executor
 from lepton.model_executor.step import PromptLogprobsRequest, StepInput
 
@@ -62,6 +66,8 @@ class CoreOutput:
     sampled: list[SampledToken] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobs] = field(default_factory=list)
     num_scheduled: int = 0   # sequences that ran: 0 when there was nothing to run
+    num_prompt_tokens: int = 0   # prompt tokens the forward computed (cached ones excluded)
+    num_compiling: int = 0   # requests still waiting for their grammar (structured outputs)
 
 
 class EngineCore:
@@ -78,6 +84,7 @@ class EngineCore:
         self._next_order = 0
         self._counters = dict(prompt=0, generation=0, finished=0, aborted=0)
         self._left: list[int] = []   # sequences that left the batch since the last step
+        self.structured = StructuredOutputManager()   # the engine gives it a grammar compiler
         self._stats = self._snapshot()
 
     # ---- requests -----------------------------------------------------------------------------
@@ -89,7 +96,11 @@ class EngineCore:
             request.order = self._next_order
             self._next_order += 1
             self._requests[request.request_id] = request
-            self.scheduler.add(self._new_seq(request, 0, list(request.prompt_token_ids)))
+            seq = self._new_seq(request, 0, list(request.prompt_token_ids))
+            if request.params.structured_outputs is not None:   # queued once its grammar compiled
+                self.structured.hold(seq)
+            else:
+                self.scheduler.add(seq)
             self._publish()
 
     def _new_seq(self, request: Request, sample_index: int, token_ids: list[int]) -> Sequence:
@@ -143,7 +154,8 @@ class EngineCore:
 
     def _snapshot(self) -> EngineStats:
         bm, c = self.block_manager, self._counters
-        return EngineStats(len(self.scheduler.running), len(self.scheduler.waiting), bm.usage,
+        waiting = len(self.scheduler.waiting) + len(self.structured.pending)
+        return EngineStats(len(self.scheduler.running), waiting, bm.usage,
                            bm.prefix_cache_queries, bm.prefix_cache_hits, self.scheduler.num_preemptions,
                            c["prompt"], c["generation"], c["finished"], c["aborted"])
 
@@ -155,6 +167,8 @@ class EngineCore:
         """Run one scheduled forward and sample; what it produced."""
         with self._lock:
             out = CoreOutput()
+            if self.structured.pending:
+                self._release_compiled(out)
             sched = self.scheduler.schedule()
             self._publish()   # admitted requests are running now, also while the forward runs
             if sched.is_empty:
@@ -171,7 +185,8 @@ class EngineCore:
             left, self._left = self._left, []
             try:
                 result = self.executor.execute_model(StepInput(seqs, counts, sched.block_copies, sample_rows,
-                                                               sample_seqs, [row for row, _ in prompt_rows], left))
+                                                               sample_seqs, [row for row, _ in prompt_rows], left,
+                                                               self.structured.bitmask(sample_seqs)))
             except BaseException:
                 # The runner may not have seen these leave: tell it again next step (removal is
                 # idempotent), so a caller that aborts this step's requests and serves on
@@ -188,12 +203,26 @@ class EngineCore:
                 if end // bs > start // bs:   # a block filled up: publish it for prefix reuse
                     bm.cache_blocks(seq.seq_id, seq.token_ids, end)
             self._counters["prompt"] += num_prompt
+            out.num_prompt_tokens = num_prompt
             out.prompt_logprobs = [PromptLogprobs(request, row.first_position, row.token_ids, stats)
                                    for (row, request), stats in zip(prompt_rows, result.prompt_logprobs)]
-            out.sampled = self._append_tokens(sample_seqs, result)
+            out.sampled += self._append_tokens(sample_seqs, result)
+            self.structured.accept(out.sampled)
             out.num_scheduled = len(seqs)
             self._publish()
             return out
+
+    def _release_compiled(self, out: CoreOutput) -> None:
+        """Queue the requests whose grammar is compiled; one whose compilation failed ends with
+        finish_reason "error". With nothing else to run, waits briefly for a compilation."""
+        ready, failed = self.structured.release(idle=not self.scheduler.has_unfinished())
+        for seq in ready:
+            self.scheduler.add(seq)
+        for seq in failed:
+            seq.finish_reason = "error"
+            self._retire(seq)
+            out.sampled.append(SampledToken(seq, None))
+        out.num_compiling = len(self.structured.pending)
 
     def _plan_samples(self, seqs: list[Sequence], counts: list[int]
                       ) -> tuple[list[int], list[Sequence], list[tuple[PromptLogprobsRequest, Request]]]:

@@ -13,11 +13,17 @@ and get_next_delta holds that many characters back, so a stop string is never pa
 No clean_up_tokenization_spaces: that whole-text heuristic cannot be applied to a stream. Exact
 for byte-level BPE; with <0xXX> byte-fallback tokens, a run of invalid bytes may be rendered
 differently from a full decode (which turns a valid byte next to invalid ones into U+FFFD too).
+
+Each token's piece is the text its update added (logprobs name tokens by it, logprobs.py): the
+pieces concatenate to the text, stop-string cuts included. A token that ends inside a character
+adds "" and the token that completes it adds the whole character; a token whose text is still
+pending or may yet be cut is not settled (see settled()).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from itertools import repeat
 
 try:
     from tokenizers import Tokenizer as _RustTokenizer
@@ -30,7 +36,7 @@ MAX_PENDING = 16    # ids without new text before the window is settled (a chara
 _INCOMPLETE = "\ufffd"
 
 
-def _rust_backend(tokenizer):
+def rust_backend(tokenizer):
     """The tokenizers.Tokenizer behind a transformers fast tokenizer (or the object itself)."""
     if _RustTokenizer is None or tokenizer is None:
         return None
@@ -51,7 +57,7 @@ class IncrementalDetokenizer:
 
     __slots__ = ("tokenizer", "skip_special_tokens", "stop", "include_stop_str_in_output",
                  "stopped", "_backend", "_stream", "_window", "_read", "_prefix_text", "_chunks",
-                 "_length", "_unsent", "_tail", "_holdback", "_finished")
+                 "_length", "_unsent", "_tail", "_holdback", "_finished", "_ends", "_settled", "_scanned")
 
     def __init__(self, tokenizer, prompt_token_ids: Sequence[int], *, skip_special_tokens: bool = True,
                  stop: Sequence[str] = (), include_stop_str_in_output: bool = False):
@@ -71,7 +77,9 @@ class IncrementalDetokenizer:
         self._unsent: list[str] = []         # text not yet handed out by get_next_delta
         self._tail = ""                      # last _holdback characters of the text
         self._holdback = max(map(len, stop), default=1) - 1
-        self._backend = _rust_backend(tokenizer)
+        self._ends: list[int] = []           # per token fed: the text's length after it (before cuts)
+        self._settled = self._scanned = 0    # settled(): tokens settled, tokens looked at
+        self._backend = rust_backend(tokenizer)
         # Window of ids being decoded: [0, _read) was emitted (decodes to _prefix_text), the rest not.
         self._window = [int(t) for t in prompt_token_ids[-PROMPT_CONTEXT:]] if tokenizer is not None else []
         self._read = len(self._window)
@@ -102,13 +110,22 @@ class IncrementalDetokenizer:
     def update(self, new_token_ids: Sequence[int], check_stop: bool = True) -> str | None:
         """Append newly sampled ids. Returns the stop string that matched (the text then ends
         before it, or after it with include_stop_str_in_output), else None. ``check_stop=False``
-        (before min_tokens) only records the text; a stop string that ends later still counts."""
+        (before min_tokens) only records the text; a stop string that ends later still counts.
+        The text of several ids given at once is the last one's piece."""
+        before = self._length
+        matched = self._update(new_token_ids, check_stop)
+        if new_token_ids:
+            self._ends.extend(repeat(before, len(new_token_ids) - 1))
+            self._ends.append(self._length)
+        return matched
+
+    def _update(self, new_token_ids: Sequence[int], check_stop: bool) -> str | None:
         if self.tokenizer is None or self.stopped or self._finished or not new_token_ids:
             return None
         if self._stream is None and len(new_token_ids) > 1:
             # The window decode looks for a clean end after every id, not only after the batch.
             for token in new_token_ids:
-                matched = self.update([token], check_stop)
+                matched = self._update([token], check_stop)
                 if matched is not None:
                     return matched
             return None
@@ -150,7 +167,7 @@ class IncrementalDetokenizer:
             self._stream = DecodeStream(list(self._window), self.skip_special_tokens)
         matched = self._append(text, check_stop) if text else None
         if pending and matched is None:
-            return self.update(pending, check_stop)
+            return self._update(pending, check_stop)
         return matched
 
     def get_next_delta(self, finished: bool) -> str:
@@ -175,8 +192,52 @@ class IncrementalDetokenizer:
             full = self._decode(self._window)
             if len(full) > len(prefix):
                 self._append(full[len(prefix):])
+                if self._ends:   # the flushed text is the last token's
+                    self._ends[-1] = self._length
         self._finished = True
         return self.text
+
+    # ---- pieces: the text each token added ----------------------------------------------------
+    @property
+    def num_sent_chars(self) -> int:
+        """Characters get_next_delta has handed out so far."""
+        return self._length - sum(map(len, self._unsent))
+
+    def pieces(self, start: int = 0, stop: int | None = None) -> list[str]:
+        """The text tokens start..stop-1 (in the order fed) added, cut as the text was: the
+        pieces of all tokens concatenate to ``text``. A token never fed (an eos whose text is not
+        output) added ""."""
+        text, ends = self.text, self._ends
+        stop = len(ends) if stop is None else stop
+        length = len(text)
+        prev = 0 if start == 0 else min(ends[start - 1], length) if start <= len(ends) else length
+        out = []
+        for i in range(start, stop):
+            end = min(ends[i], length) if i < len(ends) else length
+            out.append(text[prev:end] if end > prev else "")
+            prev = max(prev, end)
+        return out
+
+    def settled(self, limit: int) -> int:
+        """How many tokens, from the first, have a final piece within the first ``limit``
+        characters: the count ends on a token that added text, so a token whose character is
+        not complete yet (or a skipped special token) waits for the token that adds text after
+        it. ``limit`` may only grow between calls (the characters handed out so far)."""
+        ends, k, i = self._ends, self._settled, self._scanned
+        prev = ends[i - 1] if i else 0
+        while i < len(ends) and ends[i] <= limit:
+            if ends[i] > prev:
+                k = i + 1
+            prev = ends[i]
+            i += 1
+        self._settled, self._scanned = k, i
+        return k
+
+    @property
+    def context(self) -> tuple[list[int], list[int]]:
+        """(ids whose text was shown, all ids decoded now): what the next id's text follows
+        (lepton.engine.logprobs.continuations)."""
+        return self._window[:self._read], list(self._window)
 
     def _decode(self, ids: list[int]) -> str:
         if self._backend is not None:

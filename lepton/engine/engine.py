@@ -31,10 +31,12 @@ from lepton.config import EngineConfig
 from lepton.engine.core import EngineCore
 from lepton.engine.fair_lock import FairLock
 from lepton.engine.input_processor import InputProcessor, ModelLimits
-from lepton.engine.metrics import EngineStats
+from lepton.engine.metrics import EngineStats, IterationStats, log_stats
 from lepton.engine.output_processor import OutputProcessor
 from lepton.engine.progress import Progress
 from lepton.engine.sequence import Request
+from lepton.engine.structured_output.grammar import GrammarCompiler
+from lepton.engine.structured_output.manager import StructuredOutputManager
 from lepton.engine.tasks import Batch, TaskRunner
 from lepton.model_executor import setup
 from lepton.model_executor.executor import InProcessExecutor
@@ -89,6 +91,9 @@ class Engine:
                                    max_num_batched_tokens=cfg.max_num_batched_tokens,
                                    enable_prefix_caching=cfg.enable_prefix_caching,
                                    eos_token_ids=eos_token_ids)
+            if self.tokenizer is not None:   # built on the first structured request
+                self.core.structured = StructuredOutputManager(
+                    lambda: GrammarCompiler(self.tokenizer, self.vocab_size, self.eos_token_ids))
             logger.info("KV cache: %d blocks of %d tokens, max_model_len %d", self.num_kv_blocks,
                         cfg.block_size, self.max_model_len)
         self.input_processor = InputProcessor(self.tokenizer, ModelLimits(
@@ -101,6 +106,7 @@ class Engine:
                                 self._lock, busy=self._generating)
         self._request_counter = itertools.count()
         self._unclaimed: list[RequestOutput] = []   # outputs of sink-less requests, for step()
+        self.stat_loggers: list = []   # fn(IterationStats) after each step and abort (/metrics)
         self.eos_token_ids = eos_token_ids
 
     @property
@@ -149,12 +155,14 @@ class Engine:
             if stopped:
                 self.core.finish_stopped(stopped)
             outputs = self.output_processor.outputs()
+            if self.stat_loggers and core_output.num_scheduled:
+                log_stats(self.stat_loggers, IterationStats.of_step(core_output))
             for out, sink in outputs:
                 if sink is None:
                     self._unclaimed.append(out)
                 else:
                     sink(out)
-            return core_output.num_scheduled > 0
+            return core_output.num_scheduled > 0 or core_output.num_compiling > 0
 
     def step(self) -> list[RequestOutput]:
         """Run one scheduled forward; RequestOutputs of the requests added with add_request that
@@ -173,7 +181,8 @@ class Engine:
             return []
         outputs = []
         with self._lock:
-            for request in self.core.abort(request_id):
+            aborted = self.core.abort(request_id)
+            for request in aborted:
                 routed = self.output_processor.abort(request)
                 if routed is None:
                     continue
@@ -181,6 +190,8 @@ class Engine:
                 outputs.append(out)
                 if sink is not None:
                     sink(out)
+            if self.stat_loggers and aborted:
+                log_stats(self.stat_loggers, IterationStats.of_abort(aborted))
         return outputs
 
     def has_unfinished_requests(self) -> bool:

@@ -18,8 +18,9 @@ is a list of those. Checks, against the model:
     params     prompt + max_tokens <= max_model_len, and fits the whole KV cache;
                n <= max_num_seqs (the n samples of a request run together);
                stop strings need a tokenizer; logprobs, prompt_logprobs <= vocab_size;
-               logit_bias keys inside the vocabulary; seeds and value ranges are checked by
-               SamplingParams itself
+               logit_bias keys inside the vocabulary; structured_outputs parse (a valid schema,
+               regex or grammar, with no JSON-schema feature left unenforced); seeds and value
+               ranges are checked by SamplingParams itself
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 
 from lepton.engine.metrics import RequestMetrics
 from lepton.engine.sequence import Request
+from lepton.engine.structured_output.grammar import build_grammar
+from lepton.engine.token_constraints import bad_words_token_ids
 from lepton.sampling_params import SamplingParams
 from lepton.tokenizer import apply_chat_template, encode
 
@@ -194,6 +197,15 @@ class InputProcessor:
         bad = next((t for t in params.logit_bias or {} if t >= vocab), None)
         if bad is not None:
             raise ValueError(f"logit_bias names token id {bad}, outside the vocabulary [0, {vocab})")
+        outside = [t for t in params.allowed_token_ids or () if t >= vocab]
+        if outside:
+            raise ValueError(f"allowed_token_ids {outside[:10]} are outside the vocabulary [0, {vocab})")
+        if params.bad_words and self.tokenizer is None:
+            raise ValueError("bad_words need a tokenizer; give bad_words_token_ids")
+        if params.structured_outputs is not None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need the model's tokenizer")
+            build_grammar(params.structured_outputs)   # parsed here, so a bad spec is refused now
         max_tokens = params.max_tokens if params.max_tokens is not None else limits.max_model_len - num_prompt_tokens
         total = num_prompt_tokens + max_tokens
         if total > limits.max_model_len:
@@ -232,6 +244,9 @@ class InputProcessor:
         label = label or f"request {request_id}"
         self.check_prompt(prompt.token_ids, label, generation=True)
         total = self.check_params(params, len(prompt.token_ids), label)
+        if params.bad_words:   # tokenized once, here, for the sampler
+            words = bad_words_token_ids(self.tokenizer, params.bad_words)
+            params = dataclasses.replace(params, bad_words_token_ids=words + list(params.bad_words_token_ids or []))
         arrival = time.monotonic() if arrival_time is None else arrival_time
         return Request(request_id, prompt.text, list(prompt.token_ids), params, priority, order=0,
                        max_total_tokens=total, metrics=RequestMetrics(arrival), cache_salt=cache_salt)

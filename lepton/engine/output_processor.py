@@ -13,6 +13,12 @@ max(len(stop)) - 1 characters of its text are held back from cumulative and delt
 alike, so a stop string that is still forming is never shown; the final output has everything.
 Hence the streamed deltas of every request concatenate to its final text.
 
+Logprob entries name tokens by text: the sampled (or prompt) token by its piece, the text it
+added to the output (detokenizer.py), so the pieces concatenate to the text; the alternatives
+by the text they would have added at that point. A DELTA output carries the tokens whose pieces
+are settled (final and within the text handed out): with stop strings, or a character split
+across tokens, a token follows its text by a step or a few.
+
 Metrics per request: first token time, inter-token latencies of the first sample, last token
 and finish times (the core stamps arrival, scheduling and preemptions).
 """
@@ -23,6 +29,7 @@ import time
 
 from lepton.engine.core import CoreOutput
 from lepton.engine.detokenizer import IncrementalDetokenizer
+from lepton.engine.logprobs import continuations, logprob_entry, name_prompt_tokens, name_tokens, prompt_entries
 from lepton.engine.sequence import Request, Sequence
 from lepton.outputs import CompletionOutput, Logprob, RequestOutput
 from lepton.sampling_params import RequestOutputKind
@@ -32,7 +39,7 @@ class SampleState:
     """Output state of one sequence (sample) of a request."""
 
     __slots__ = ("seq", "detokenizer", "logprobs", "cumulative_logprob", "num_sent_tokens",
-                 "finish_sent", "stop_str")
+                 "num_named", "finish_sent", "stop_str")
 
     def __init__(self, seq: Sequence, detokenizer: IncrementalDetokenizer | None):
         self.seq = seq
@@ -40,6 +47,7 @@ class SampleState:
         self.logprobs: list[dict[int, Logprob]] = []
         self.cumulative_logprob = 0.0
         self.num_sent_tokens = 0       # output tokens already reported (DELTA outputs)
+        self.num_named = 0             # sampled logprob entries named by their final piece
         self.finish_sent = False       # the finish reason was reported (DELTA outputs)
         self.stop_str: str | None = None
 
@@ -76,14 +84,18 @@ class OutputProcessor:
         now = time.monotonic()
         stopped = []
         for chunk in core_output.prompt_logprobs:
-            state = self._states.get(chunk.request.request_id)
+            request = chunk.request
+            state = self._states.get(request.request_id)
             if state is None:
                 continue
             if state.prompt_logprobs is None:
                 state.prompt_logprobs = [None]
-            state.prompt_logprobs += [self._logprob_entry(t, *stats) for t, *stats
-                                      in zip(chunk.token_ids, *chunk.stats)]
-            self._touched[chunk.request.request_id] = state
+            state.prompt_logprobs += prompt_entries(self.tokenizer, request.prompt_token_ids, chunk.first,
+                                                    chunk.token_ids, chunk.stats)
+            if not request.needs_prompt_logprobs:   # all positions in: name the prompt's tokens
+                name_prompt_tokens(self.tokenizer, state.prompt_logprobs, request.prompt_token_ids,
+                                   request.params.skip_special_tokens)
+            self._touched[request.request_id] = state
         states, touched = self._states, self._touched
         for sampled in core_output.sampled:
             seq = sampled.seq
@@ -107,8 +119,7 @@ class OutputProcessor:
             metrics.last_token_time = now
             if sampled.logprob is not None:
                 sample.cumulative_logprob += sampled.logprob
-                sample.logprobs.append(self._logprob_entry(sampled.token_id, sampled.logprob, sampled.rank,
-                                                           sampled.top_ids, sampled.top_logprobs))
+                sample.logprobs.append(self._sampled_entry(sampled, sample.detokenizer))
             params = seq.request.params
             if sample.detokenizer is not None and not (sampled.stopped_by_token
                                                        and not params.include_stop_str_in_output):
@@ -120,10 +131,11 @@ class OutputProcessor:
         return stopped
 
     def _step_detokenizer(self, request: Request) -> IncrementalDetokenizer | None:
-        # Text is needed every step only when it is streamed or searched for stop strings;
-        # otherwise it is decoded once, when the sequence ends (see _final_text).
+        # Text is needed every step only when it is streamed, searched for stop strings or names
+        # logprobs; otherwise it is decoded once, when the sequence ends (see _final_text).
         params = request.params
-        if self.tokenizer is None or not (params.stop or params.output_kind is not RequestOutputKind.FINAL_ONLY):
+        if self.tokenizer is None or not (params.stop or params.logprobs is not None
+                                          or params.output_kind is not RequestOutputKind.FINAL_ONLY):
             return None
         return self._detokenizer(request)
 
@@ -133,12 +145,14 @@ class OutputProcessor:
                                       skip_special_tokens=params.skip_special_tokens, stop=params.stop,
                                       include_stop_str_in_output=params.include_stop_str_in_output)
 
-    def _logprob_entry(self, token: int, logprob: float, rank: int, top_ids, top_logprobs) -> dict[int, Logprob]:
-        """{token_id: Logprob} with the top-N tokens (ranks 1..N) and the sampled/actual token."""
-        entry = {t: Logprob(v, r + 1, self.decode_token(t))
-                 for r, (t, v) in enumerate(zip(top_ids or (), top_logprobs or ()))}
-        entry.setdefault(token, Logprob(logprob, rank, self.decode_token(token)))
-        return entry
+    def _sampled_entry(self, sampled, detok: IncrementalDetokenizer | None) -> dict[int, Logprob]:
+        """The sampled token's entry; each token named by the text it would add next (the sampled
+        one's name becomes its piece once that is settled, _named)."""
+        ids = [*(sampled.top_ids or ()), sampled.token_id]
+        names = (continuations(self.tokenizer, [(*detok.context, ids)])[0] if detok is not None
+                 else [self.decode_token(t) for t in ids])
+        return logprob_entry(sampled.token_id, sampled.logprob, sampled.rank, sampled.top_ids,
+                             sampled.top_logprobs, names)
 
     # ---- outputs -----------------------------------------------------------------------------------
     def outputs(self) -> list[tuple[RequestOutput, object]]:
@@ -191,7 +205,8 @@ class OutputProcessor:
         sample.detokenizer.finish()
 
     def _build(self, state: RequestState, force: bool = False) -> RequestOutput | None:
-        """The output for this step (None: FINAL_ONLY and not finished yet, unless ``force``)."""
+        """The output for this step (None: FINAL_ONLY and not finished yet, or DELTA with nothing
+        new, as when a token waits for the rest of its character; unless ``force``)."""
         request = state.request
         params = request.params
         finished = request.finished
@@ -200,6 +215,8 @@ class OutputProcessor:
             return None
         delta = kind is RequestOutputKind.DELTA
         completions = [c for c in (self._completion(state, seq, delta) for seq in request.seqs) if c is not None]
+        if delta and not completions and not finished and not force:
+            return None
         prompt_logprobs = state.prompt_logprobs
         if delta and prompt_logprobs is not None:   # sent once, with the first delta after they are done
             if request.needs_prompt_logprobs or state.prompt_logprobs_sent:
@@ -220,17 +237,41 @@ class OutputProcessor:
         if sample.stop_str is not None:   # a stop string outranks the length limit hit with it
             reason, stop_reason = "stop", sample.stop_str
         detok = sample.detokenizer
+        total = len(seq.token_ids) - num_prompt
+        if detok is not None and seq_finished:
+            detok.finish()   # a sample may end before its request: its text is final now
         if delta:
-            start, total = sample.num_sent_tokens, len(seq.token_ids) - num_prompt
+            start = sample.num_sent_tokens
             text = "" if detok is None else detok.get_next_delta(seq_finished)
-            if start == total and not text and (sample.finish_sent or not seq_finished):
+            settled = self._settled(detok, total, seq_finished, detok.num_sent_chars if detok else 0)
+            if start == settled and not text and (sample.finish_sent or not seq_finished):
                 return None
-            ids = seq.token_ids[num_prompt + start:]
-            logprobs = sample.logprobs[start:] if want_logprobs else None
-            sample.num_sent_tokens, sample.finish_sent = total, seq_finished
+            ids = seq.token_ids[num_prompt + start:num_prompt + settled]
+            logprobs = self._named(sample, settled)[start:settled] if want_logprobs else None
+            sample.num_sent_tokens, sample.finish_sent = settled, seq_finished
         else:
             text = "" if detok is None else detok.text
             hold = 0 if detok is None or seq_finished else detok.holdback
             text = text[:len(text) - hold] if hold else text
+            if want_logprobs:
+                self._named(sample, self._settled(detok, total, seq_finished, len(text)))
             ids, logprobs = seq.token_ids[num_prompt:], (list(sample.logprobs) if want_logprobs else None)
         return CompletionOutput(seq.sample_index, text, ids, cumulative, logprobs, reason, stop_reason)
+
+    @staticmethod
+    def _settled(detok: IncrementalDetokenizer | None, total: int, finished: bool, shown: int) -> int:
+        """Output tokens whose pieces are final within the ``shown`` characters of the text."""
+        if detok is None or finished or detok.stopped:
+            return total
+        return min(total, detok.settled(shown))
+
+    @staticmethod
+    def _named(sample: SampleState, settled: int) -> list[dict[int, Logprob]]:
+        """Name the sampled tokens up to ``settled`` by their pieces; returns the entries."""
+        entries, detok, start = sample.logprobs, sample.detokenizer, sample.num_named
+        if detok is not None and settled > start:
+            seq = sample.seq
+            tokens = seq.token_ids[seq.num_prompt_tokens + start:seq.num_prompt_tokens + settled]
+            name_tokens(entries[start:settled], tokens, detok.pieces(start, settled))
+            sample.num_named = settled
+        return entries

@@ -4,6 +4,8 @@ In this order, per row b with the step's SamplingMetadata:
     min_tokens   while steps_b < min_tokens_b: z[t] = -inf for t in stop_token_ids_b and eos
                  (eos unless ignore_eos_b)
     logit_bias   z[t] += bias[t]
+    allowed_token_ids, bad_words   z[t] = -inf for the tokens a row may not sample (token_constraints.py)
+    grammar      z[t] = -inf for the tokens a row's grammar forbids next (structured_output/bitmask.py)
     repetition   for t in prompt | output: z[t] = z[t] / r if z[t] > 0 else z[t] * r    (HF transformers)
     frequency, presence, with c_t the count of t in the output (OpenAI):
                  z[t] -= frequency_penalty * c_t + presence_penalty * (c_t > 0)
@@ -18,6 +20,8 @@ from __future__ import annotations
 import torch
 
 from lepton.engine.sampling_metadata import SamplingMetadata
+from lepton.engine.structured_output.bitmask import apply_token_bitmask
+from lepton.engine.token_constraints import apply_token_masks
 
 
 def apply_logits_processors(z: torch.Tensor, md: SamplingMetadata, eos_token_ids: torch.Tensor | None) -> None:
@@ -25,6 +29,10 @@ def apply_logits_processors(z: torch.Tensor, md: SamplingMetadata, eos_token_ids
         ban_stop_tokens(z, md, eos_token_ids)
     if md.logit_bias is not None:
         add_logit_bias(z, md.logit_bias)
+    if md.token_masks is not None:
+        apply_token_masks(z, md.token_masks)
+    if md.token_bitmask is not None:
+        apply_token_bitmask(z, md.token_bitmask)
     if md.token_ids is not None:
         apply_penalties(z, md)
 

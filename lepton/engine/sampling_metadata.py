@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from lepton_kernels.sampling.noise import as_int64, stream_keys
 
+from lepton.engine.token_constraints import TokenMasks, host_masks, token_masks
 from lepton.sampling_params import SamplingParams
 
 
@@ -42,6 +43,9 @@ class SamplingMetadata:
                             while steps < min_tokens, stop_token_ids and (unless ignore_eos) eos
                             are banned; all three None when no row bans anything this step
     logit_bias              flat (rows, token ids, values): z[rows, ids] += values
+    token_masks             allowed_token_ids and bad_words of this step (token_constraints.py)
+    token_bitmask           (bitmask [C, W] int32, rows [C] i64): the grammar rows' allowed tokens
+                            (structured_output/bitmask.py)
     token_ids [B, L] i64    prompt + output tokens, any value past seq_lens; with prompt_lens and
                             seq_lens [B] i64, only when a row has penalties
     repetition_penalty, frequency_penalty, presence_penalty [B] f32   None: no row uses it
@@ -62,6 +66,8 @@ class SamplingMetadata:
     stop_token_ids: torch.Tensor | None = None
     ignore_eos: torch.Tensor | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    token_masks: TokenMasks | None = None
+    token_bitmask: tuple[torch.Tensor, torch.Tensor] | None = None
     token_ids: torch.Tensor | None = None
     prompt_lens: torch.Tensor | None = None
     seq_lens: torch.Tensor | None = None
@@ -76,7 +82,8 @@ class SamplingMetadata:
 
     @property
     def needs_processors(self) -> bool:
-        return self.min_tokens is not None or self.logit_bias is not None or self.token_ids is not None
+        return (self.min_tokens is not None or self.logit_bias is not None or self.token_ids is not None
+                or self.token_masks is not None or self.token_bitmask is not None)
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], *, device: torch.device | str,
@@ -123,6 +130,11 @@ class SamplingMetadata:
             biased = [(b, t, v) for b, p in enumerate(params) for t, v in (p.logit_bias or {}).items()]
             rows, ids, values = zip(*biased)
             md.logit_bias = (tensor(rows, torch.int64), tensor(ids, torch.int64), tensor(values, torch.float32))
+        constrained = [(b, p.allowed_token_ids, p.bad_words_token_ids,
+                        output_token_ids[b] if output_token_ids is not None else ())
+                       for b, p in enumerate(params) if p.allowed_token_ids is not None or p.bad_words_token_ids]
+        if constrained:
+            md.token_masks = token_masks(host_masks(constrained, count), device)
         if any(p.needs_penalties for p in params):
             _add_penalties(md, params, prompt_token_ids, output_token_ids, device)
         if any(p.logprobs is not None for p in params):

@@ -44,6 +44,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    matcher: object = None                 # its grammar's state (structured outputs), made on first use
 
     def __post_init__(self) -> None:
         if not self.num_prompt_tokens:
@@ -89,6 +90,7 @@ class Request:
     num_prompt_logprobs: int = 0            # prompt positions scored so far (prompt_logprobs)
     aborted: bool = False
     num_finished_seqs: int = 0
+    grammar: object = None                  # Future of its compiled grammar (structured outputs)
 
     @property
     def needs_prompt_logprobs(self) -> bool:

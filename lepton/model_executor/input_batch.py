@@ -23,6 +23,7 @@ import torch
 from lepton_kernels.sampling.noise import stream_keys
 
 from lepton.engine.sampling_metadata import SamplingMetadata, seed_key
+from lepton.engine.token_constraints import host_masks, token_masks
 from lepton.model_executor.host_to_device import HostToDevice
 from lepton.sampling_params import SAMPLING_EPS
 
@@ -73,6 +74,8 @@ class InputBatch:
         if old is None:
             self.stop_token_ids: dict[int, list[int]] = {}   # rows with min_tokens only
             self.logit_bias: dict[int, dict[int, float]] = {}
+            # rows with allowed_token_ids or bad_words: (allowed ids or None, bad words' ids or None)
+            self.constraints: dict[int, tuple[list[int] | None, list[list[int]] | None]] = {}
             self.free_rows: list[int] = []
         self.free_rows = list(range(rows - 1, n - 1, -1)) + self.free_rows
 
@@ -99,6 +102,8 @@ class InputBatch:
             self.stop_token_ids[r] = list(p.stop_token_ids)
         if p.logit_bias:
             self.logit_bias[r] = p.logit_bias
+        if p.allowed_token_ids is not None or p.bad_words_token_ids:
+            self.constraints[r] = (p.allowed_token_ids, p.bad_words_token_ids)
         return r
 
     def remove(self, seq_id: int) -> None:
@@ -107,6 +112,7 @@ class InputBatch:
             return
         self.stop_token_ids.pop(r, None)
         self.logit_bias.pop(r, None)
+        self.constraints.pop(r, None)
         self.free_rows.append(r)
 
     def rows(self, seqs) -> np.ndarray:
@@ -157,6 +163,8 @@ class InputBatch:
                 setattr(md, name, up.get(handle))
             if "logit_bias" in extra:
                 md.logit_bias = tuple(up.get(h) for h in extra["logit_bias"])
+            if "token_masks" in extra:
+                md.token_masks = token_masks({k: up.get(h) for k, h in extra["token_masks"].items()})
             md.num_logprobs = extra.get("num_logprobs")
             md.all_seeded = extra.get("all_seeded", False)
             return md
@@ -188,6 +196,13 @@ class InputBatch:
             b_idx, t_idx, vals = zip(*triples)
             extra["logit_bias"] = (up.add(np.array(b_idx, dtype=np.int64)), up.add(np.array(t_idx, dtype=np.int64)),
                                    up.add(np.array(vals, dtype=np.float32)))
+        constrained = [(b, r) for b, r in enumerate(rows.tolist()) if r in self.constraints] if self.constraints else []
+        if constrained:   # bad words look at each row's outputs so far: found here, on the host
+            arrays = host_masks([(b, *self.constraints[r],
+                                  self.token_ids[r, self.num_prompt_tokens[r]:self.num_tokens[r]].tolist())
+                                 for b, r in constrained], len(rows))
+            if arrays:
+                extra["token_masks"] = {k: up.add(a) for k, a in arrays.items()}
         self._penalties(rows, up, fields)
         num_logprobs = self.num_logprobs[rows]
         if (num_logprobs >= 0).any():
@@ -197,7 +212,8 @@ class InputBatch:
         return bool((self.min_tokens[rows] > self.num_tokens[rows] - self.num_prompt_tokens[rows]).any()
                     or (self.repetition_penalty[rows] != 1).any() or (self.frequency_penalty[rows] != 0).any()
                     or (self.presence_penalty[rows] != 0).any()
-                    or (bool(self.logit_bias) and any(r in self.logit_bias for r in rows.tolist())))
+                    or (bool(self.logit_bias) and any(r in self.logit_bias for r in rows.tolist()))
+                    or (bool(self.constraints) and any(r in self.constraints for r in rows.tolist())))
 
     def _penalties(self, rows: np.ndarray, up: HostToDevice, fields: dict) -> None:
         defaults = {"repetition_penalty": 1.0, "frequency_penalty": 0.0, "presence_penalty": 0.0}

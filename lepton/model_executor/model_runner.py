@@ -84,6 +84,7 @@ class ModelRunner:
             # Forked samples join the batch here.
             sample_rows = rows if every_row else batch.rows(step.sample_seqs)
             sampling = batch.plan_sampling_metadata(sample_rows, up)
+            grammar = step.token_bitmask and tuple(up.add(a) for a in step.token_bitmask)
             # The logits of the sampled rows, in sampling order, when that is not simply all rows.
             gather = None if every_row else up.add(np.array(index, dtype=np.int64))
         up.upload()
@@ -94,7 +95,10 @@ class ModelRunner:
             return StepResult([], [], [], [], [], [], prompt_stats)
         if gather is not None:
             logits = logits.index_select(0, up.get(gather))
-        out = sample_batch(logits, sampling(), self.generator, eos_token_ids)
+        md = sampling()
+        if grammar:
+            md.token_bitmask = tuple(up.get(h) for h in grammar)
+        out = sample_batch(logits, md, self.generator, eos_token_ids)
         finite = np.array(out.finite, dtype=bool)
         batch.append_tokens(sample_rows[finite], np.array(out.token_ids, dtype=np.int64)[finite])
         return StepResult(out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs, out.finite,

@@ -28,7 +28,8 @@ class StepInput:
     (c_b = num_computed_tokens) at positions c_b ..; ``sample_seqs[i]`` draws its next token from
     the logits of batch row ``sample_rows[i]`` (the forked samples of a prompt share its row);
     ``finished_seq_ids``: sequences that left the batch (finished, aborted, preempted) since
-    the previous step."""
+    the previous step. ``token_bitmask``: (bitmask [C, W] int32, rows [C]) of the C sampled
+    sequences with a grammar, rows indexing sample_seqs (engine/structured_output/bitmask.py)."""
 
     seqs: list[Sequence]
     num_new_tokens: list[int]
@@ -37,6 +38,7 @@ class StepInput:
     sample_seqs: list[Sequence] = field(default_factory=list)
     prompt_logprobs: list[PromptLogprobsRequest] = field(default_factory=list)
     finished_seq_ids: list[int] = field(default_factory=list)
+    token_bitmask: tuple | None = None
 
 
 @dataclass

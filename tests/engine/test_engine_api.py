@@ -156,7 +156,8 @@ SAMPLING_ARGS = [
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=1.5), "max_tokens"),
     (dict(temperature=-0.1), "temperature"), (dict(temperature=float("nan")), "temperature"),
     (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=0), "top_k"), (dict(top_k=-2), "top_k"),
-    (dict(logprobs=-1), "logprobs"), (dict(n=0), "n must"), (dict(seed=-1), "seed"), (dict(stop=[""]), "stop"),
+    (dict(logprobs=-1), "logprobs"), (dict(n=0), "n must"), (dict(seed=-2**63 - 1), "seed"),
+    (dict(seed=2**64), "seed"), (dict(stop=[""]), "stop"),
     (dict(stop_token_ids=[-1]), "stop_token_ids"), (dict(ignore_eos="no"), "ignore_eos"),
     (dict(stop=5), "stop"), (dict(stop_token_ids=5), "stop_token_ids"),
 ]

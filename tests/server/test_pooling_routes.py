@@ -189,7 +189,8 @@ def test_tokenize_special_tokens(bi_encoder, st_model):
     ({"messages": MESSAGES, "chat_template": "{{ messages }}"}, "chat_template"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]},
      "messages[0].content[0]"),
-    ({"input": "x", "truncate_prompt_tokens": 4}, "truncate_prompt_tokens"),
+    ({"input": "x", "truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+    ({"input": "x", "priority": 3}, "priority"),
     ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
 ])
 def test_embeddings_bad_requests(bi_encoder, body, param):

@@ -28,7 +28,7 @@ from lepton.entrypoints.server.json_codec import JSONRoute
 from lepton.entrypoints.server.middleware import GuardMiddleware
 from lepton.entrypoints.server.offload import decode
 from lepton.entrypoints.server.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                       sampling_params)
+                       best_n, check_best_of, logprob_options, message_dicts, sampling_params)
 from lepton.entrypoints.server.responses import ResponseBuilder
 from lepton.entrypoints.server.routes_misc import register_misc_routes
 from lepton.entrypoints.server.routes_pooling import register_pooling_routes
@@ -83,32 +83,61 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
     async def completions(body: CompletionRequest, raw: Request):
         model = st.check_model(body.model)
         st.generative("completions")
-        prompts = await st.prompts(body.prompt)   # limits checked, then tokenized off the loop
-        max_tokens = body.max_tokens or 16   # OpenAI's default for completions
-        params = sampling_params(body, max_tokens=max_tokens, logprobs=body.logprobs, defaults=st.defaults,
-                                 limits=st.limits, stream=body.stream)
+        body.refuse_unsupported()
+        best_of = check_best_of(body)
+        prompt_logprobs = logprob_options(body, st.limits)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens   # OpenAI's default for completions
+        if max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 needs echo: true (the prompt alone, scored)", param="max_tokens")
+        # limits checked, then tokenized (and truncated, with truncate_prompt_tokens) off the loop
+        prompts = await st.prompts(body.prompt, body.truncate_prompt_tokens)
+        # max_tokens 0: the engine samples one token in the prompt's forward; the response drops it.
+        params = sampling_params(body, max_tokens=max(1, max_tokens), logprobs=body.logprobs, defaults=st.defaults,
+                                 limits=st.limits, stream=body.stream,
+                                 vocab_size=engine.vocab_size)
+        params = dataclasses.replace(params, prompt_logprobs=prompt_logprobs)
+        if best_of > body.n:   # best_of samples, ranked by their cumulative logprob (needs logprobs)
+            params = dataclasses.replace(params, n=best_of, logprobs=params.logprobs or 0)
         rid = f"cmpl-{uuid.uuid4().hex}"
         salt = st.cache_salt(body, raw)
-        requests = [st.make_request(f"{rid}-{i}", prompt, params, f"prompt {i}", salt)
+        requests = [st.make_request(f"{rid}-{i}", prompt, params, f"prompt {i}", salt, priority=body.priority)
                     for i, prompt in enumerate(prompts)]
-        return await st.respond(requests, ResponseBuilder("completion", rid, model, body.n, body.logprobs),
-                                body, raw)
+        builder = ResponseBuilder("completion", rid, model, body.n, body.logprobs, engine.tokenizer, echo=body.echo,
+                                  prompt_logprobs=body.prompt_logprobs, generate=max_tokens > 0,
+                                  skip_special_tokens=body.skip_special_tokens, return_token_ids=body.return_token_ids,
+                                  tokens_as_ids=body.return_tokens_as_token_ids)
+        select = (lambda finals: [best_n(out, body.n, body.logprobs is not None) for out in finals]) \
+            if best_of > body.n else None
+        return await st.respond(requests, builder, body, raw, select=select)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request):
         model = st.check_model(body.model)
         st.generative("chat completions")
-        prompt = await st.chat_prompt(body.messages, body.add_generation_prompt)
+        body.refuse_unsupported()
+        prompt = await st.chat_prompt(body.messages, body.add_generation_prompt,
+                                      chat_template=body.chat_template,
+                                      continue_final_message=body.continue_final_message,
+                                      template_kwargs=body.chat_template_kwargs,
+                                      truncate=body.truncate_prompt_tokens)
         max_tokens = (body.max_completion_tokens or body.max_tokens
                       or max(1, engine.max_model_len - len(prompt.token_ids)))
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        prompt_logprobs = logprob_options(body, st.limits)
         params = sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, defaults=st.defaults,
-                                 limits=st.limits, stream=body.stream)
+                                 limits=st.limits, stream=body.stream,
+                                 vocab_size=engine.vocab_size)
+        params = dataclasses.replace(params, prompt_logprobs=prompt_logprobs)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [st.make_request(rid, dataclasses.replace(prompt, text=None), params, "messages",
-                                    st.cache_salt(body, raw))]
-        return await st.respond(requests, ResponseBuilder("chat", rid, model, body.n, num_logprobs,
-                                                                 engine.tokenizer), body, raw)
+                                    st.cache_salt(body, raw), priority=body.priority)]
+        # chat echo (vLLM's): the answer repeats the last message when it is the assistant's own
+        last = message_dicts(body.messages[-1:])[0]
+        echo = last["content"] if body.echo and last["role"] == "assistant" else ""
+        builder = ResponseBuilder("chat", rid, model, body.n, num_logprobs, engine.tokenizer,
+                                  prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids,
+                                  tokens_as_ids=body.return_tokens_as_token_ids, chat_echo=echo)
+        return await st.respond(requests, builder, body, raw)
 
     # /v1/embeddings, /v1/score, /v1/rerank, /classify: routes_pooling.py; /tokenize, /ping,
     # /version, /v1/models/{id}: routes_misc.py; /v1/responses: routes_responses.py.

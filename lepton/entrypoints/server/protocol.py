@@ -8,13 +8,16 @@ generation_config.json defaults, then OpenAI's.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+import dataclasses
+from typing import Annotated, Any, ClassVar, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, Strict, model_validator
 
 from lepton.engine.input_processor import MAX_CACHE_SALT_CHARS
+from lepton.outputs import RequestOutput
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.entrypoints.server.errors import APIError
+from lepton.entrypoints.server.structured import structured_outputs
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -77,8 +80,9 @@ class RequestBody(BaseModel):
         return data
 
 
-class StreamOptions(BaseModel):
-    include_usage: bool = False
+class StreamOptions(RequestBody):
+    include_usage: bool | None = False       # null as false, as OpenAI's clients send it
+    continuous_usage_stats: bool | None = False
 
 
 class _Common(RequestBody):
@@ -91,7 +95,7 @@ class _Common(RequestBody):
     n: Int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
     stop_token_ids: list[Int] | None = None
-    seed: Int | None = Field(default=None, ge=0, lt=2**64)
+    seed: Int | None = Field(default=None, ge=-2**63, lt=2**63)   # any int64, as vLLM
     stream: bool = False
     stream_options: StreamOptions | None = None
     presence_penalty: Float | None = Field(default=None, ge=-2, le=2)
@@ -104,12 +108,57 @@ class _Common(RequestBody):
     skip_special_tokens: bool = True
     # vLLM's: requests share prefix-cache blocks only with requests of the same salt.
     cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_CHARS)
+    # vLLM's extensions, each implemented (see routes): lower priority values are scheduled first.
+    priority: Int = 0
+    include_stop_str_in_output: bool = False
+    # Keep only the prompt's last k tokens (-1: as many as the model allows, max_model_len - 1).
+    truncate_prompt_tokens: Int | None = Field(default=None, ge=-1)
+    return_token_ids: bool = False
+    return_tokens_as_token_ids: bool = False
+    allowed_token_ids: list[Int] | None = Field(default=None, min_length=1)
+    bad_words: list[str] | None = None
+    # Structured outputs (server/structured.py).
+    response_format: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structured_outputs: dict[str, Any] | None = None
+    # Known and not implemented: refused (400 naming the field) when they ask for anything.
+    use_beam_search: bool = False
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    UNSUPPORTED: ClassVar[dict[str, str]] = {
+        "use_beam_search": "lepton does not run beam search; sample with n and best_of",
+        **{name: "tool calling is not implemented yet" for name in (
+            "tools", "tool_choice", "functions", "function_call")},
+    }
+
+    def refuse_unsupported(self) -> None:
+        """400 naming the first known-but-unimplemented field that asks for something. Values
+        that ask for nothing pass: response_format text, tool_choice none, empty lists."""
+        for name, why in self.UNSUPPORTED.items():
+            value = getattr(self, name)
+            if value in (None, False, [], {}) or (name == "response_format" and value.get("type") == "text") \
+                    or (name in ("tool_choice", "function_call") and value == "none"):
+                continue
+            raise APIError(400, f"{name} is not supported: {why}", param=name)
 
 
 class CompletionRequest(_Common):
     prompt: Prompts
+    best_of: Int | None = Field(default=None, ge=1)
+    suffix: str | None = None
+
+    UNSUPPORTED: ClassVar[dict[str, str]] = dict(
+        _Common.UNSUPPORTED, suffix="lepton's models have no fill-in-the-middle mode")
     logprobs: Int | None = Field(default=None, ge=0)
     echo: bool = False
+    max_tokens: Int | None = Field(default=None, ge=0)   # 0 with echo: the prompt alone, scored
+    prompt_logprobs: Int | None = Field(default=None, ge=0)   # vLLM's, per choice
 
 
 class ChatMessage(BaseModel):
@@ -124,7 +173,12 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: Int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: Int | None = Field(default=None, ge=0)
+    prompt_logprobs: Int | None = Field(default=None, ge=0)   # vLLM's, per response
     add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    echo: bool = False
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
 
 
 # /v1/embeddings, /tokenize and the other pooling routes: protocol_pooling.py; /v1/responses:
@@ -150,9 +204,48 @@ def message_dicts(messages: list[ChatMessage]) -> list[dict]:
 _DEFAULTS_FROM_CONFIG = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 
 
+def check_request_options(req: _Common, vocab_size: int) -> None:
+    """400 for options that do not fit together or name tokens the model does not have: every
+    bad key of logit_bias is named, as is every stop_token_id outside the vocabulary."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed with stream: true", param="stream_options")
+    for name in ("stop_token_ids", "allowed_token_ids"):
+        bad_ids = [t for t in getattr(req, name) or () if not 0 <= t < vocab_size]
+        if bad_ids:
+            raise APIError(400, f"{name} {bad_ids[:20]} are outside the vocabulary [0, {vocab_size})",
+                           param=name)
+    if req.bad_words is not None and not all(word.strip() for word in req.bad_words):
+        raise APIError(400, "bad_words must not hold blank strings", param="bad_words")
+    bad_keys = [key for key in req.logit_bias or {}
+                if not (key.isascii() and key.isdigit() and int(key) < vocab_size)]
+    if bad_keys:
+        raise APIError(400, f"logit_bias keys must be token ids in [0, {vocab_size}); these are not: "
+                            f"{', '.join(map(repr, bad_keys[:20]))}"
+                            + (f" and {len(bad_keys) - 20} more" if len(bad_keys) > 20 else ""),
+                       param="logit_bias")
+
+
+def logprob_options(req: CompletionRequest | ChatCompletionRequest, limits: dict) -> int | None:
+    """400 naming the field for logprob options that do not fit together; returns the prompt
+    logprobs the engine computes: vLLM's prompt_logprobs (not streamed, as in vLLM) and, for an
+    echo with logprobs, the prompt's share of them."""
+    if isinstance(req, ChatCompletionRequest) and req.top_logprobs is not None and not req.logprobs:
+        raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+    wanted = req.prompt_logprobs
+    if wanted is not None and req.stream:
+        raise APIError(400, "prompt_logprobs is not available with stream: true", param="prompt_logprobs")
+    if wanted is not None and wanted > limits["max_logprobs"]:
+        raise APIError(400, f"prompt_logprobs must be at most {limits['max_logprobs']}, got {wanted}",
+                       param="prompt_logprobs")
+    if isinstance(req, CompletionRequest) and req.echo and req.logprobs is not None:
+        wanted = max(wanted or 0, req.logprobs)
+    return wanted
+
+
 def sampling_params(req: _Common, *, max_tokens: int, logprobs: int | None, defaults: dict,
-                    limits: dict, stream: bool) -> SamplingParams:
+                    limits: dict, stream: bool, vocab_size: int) -> SamplingParams:
     """SamplingParams for a request; APIError(400) naming the field for values out of range."""
+    check_request_options(req, vocab_size)
     if req.n > limits["max_n"]:
         raise APIError(400, f"n must be at most {limits['max_n']}, got {req.n}", param="n")
     if logprobs is not None and logprobs > limits["max_logprobs"]:
@@ -164,6 +257,7 @@ def sampling_params(req: _Common, *, max_tokens: int, logprobs: int | None, defa
     fields = {name: getattr(req, name) if getattr(req, name) is not None else defaults.get(name)
               for name in _DEFAULTS_FROM_CONFIG}
     kwargs = {k: v for k, v in fields.items() if v is not None}
+    kwargs["structured_outputs"] = structured_outputs(req)
     if kwargs.get("top_k") == 0:
         kwargs["top_k"] = -1     # 0 means "off" in HF's generation_config
     try:
@@ -172,7 +266,31 @@ def sampling_params(req: _Common, *, max_tokens: int, logprobs: int | None, defa
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             logit_bias=req.logit_bias, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
             logprobs=logprobs, skip_special_tokens=req.skip_special_tokens,
+            include_stop_str_in_output=req.include_stop_str_in_output,
+            allowed_token_ids=req.allowed_token_ids, bad_words=req.bad_words or None,
             output_kind=RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY, **kwargs)
     except ValueError as err:
         message = str(err)
         raise APIError(400, message, param=message.split(" ", 1)[0]) from None
+
+
+def check_best_of(req: CompletionRequest) -> int:
+    """best_of (default n): how many completions to sample per prompt, of which the n with the
+    highest cumulative logprob are returned. It must be >= n, and equal n when streaming (a
+    stream cannot take back the samples that lose)."""
+    best_of = req.n if req.best_of is None else req.best_of
+    if best_of < req.n:
+        raise APIError(400, f"best_of must be >= n ({req.n}), got {best_of}", param="best_of")
+    if req.stream and best_of > req.n:
+        raise APIError(400, "best_of > n cannot be streamed: the samples that lose are only known "
+                            "at the end", param="best_of")
+    return best_of
+
+
+def best_n(out: RequestOutput, n: int, keep_logprobs: bool) -> RequestOutput:
+    """``out`` with its n completions of highest cumulative logprob (log p(completion | prompt)),
+    re-indexed 0..n-1 best first; their per-token logprobs kept only when the client asked."""
+    ranked = sorted(out.outputs, key=lambda c: c.cumulative_logprob, reverse=True)[:n]
+    chosen = [dataclasses.replace(c, index=i, logprobs=c.logprobs if keep_logprobs else None)
+              for i, c in enumerate(ranked)]
+    return dataclasses.replace(out, outputs=chosen)

@@ -78,10 +78,12 @@ class EmbeddingsRequest(RequestBody):
     chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[Any] | None = None
-    truncate_prompt_tokens: Int | None = None
+    # Embed only the first k tokens (-1: max_model_len), as sentence-transformers' max_seq_length
+    # cuts a text: the tokenizer keeps its special tokens ([CLS] ... [SEP]) around the kept ones.
+    truncate_prompt_tokens: Int | None = Field(default=None, ge=-1)
     priority: Int | None = None
 
-    UNSUPPORTED: ClassVar[dict[str, str]] = dict(_CHAT_OPTIONS, **_POOLING_OPTIONS)
+    UNSUPPORTED: ClassVar[dict[str, str]] = dict(_CHAT_OPTIONS, priority=_POOLING_OPTIONS["priority"])
 
 
 class TokenizeRequest(RequestBody):

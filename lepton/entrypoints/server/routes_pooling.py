@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from fastapi import FastAPI
 from fastapi.responses import Response
 
+from lepton.engine.input_processor import Prompt
 from lepton.engine.tasks import Batch
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.json_codec import dumps
@@ -54,6 +55,17 @@ def _embedding_size(engine) -> int | None:
     hidden = engine.hf_config.get("hidden_size") or engine.hf_config.get("n_embd")
     pooler = engine.tasks.pooler
     return int(hidden) * len(pooler.modes) if hidden and pooler is not None else None
+
+
+def truncated_prompt(engine, item, keep: int, add_special_tokens: bool) -> Prompt:
+    """truncate_prompt_tokens on an embeddings input: a text through the tokenizer's own
+    truncation (its special tokens kept, the text cut), token ids cut to their first ``keep``."""
+    if not isinstance(item, str):
+        prompt = engine.input_processor.prompt(item)
+        return Prompt(None, prompt.token_ids[:keep])
+    enc = engine.tokenizer(item, truncation=True, max_length=keep, add_special_tokens=add_special_tokens)
+    types = list(enc["token_type_ids"]) if "token_type_ids" in enc else None
+    return Prompt(item, list(enc["input_ids"]), types)
 
 
 def _usage(num_tokens: int) -> dict:
@@ -145,13 +157,23 @@ def register_pooling_routes(app: FastAPI, st) -> None:
         else:
             inputs = st.split(body.input, "input")
 
+        keep = body.truncate_prompt_tokens
+        if keep is not None and not (keep == -1 or 1 <= keep <= engine.max_model_len):
+            raise APIError(400, f"truncate_prompt_tokens must be in [1, max_model_len = {engine.max_model_len}] "
+                                f"or -1 for that limit; got {keep}", param="truncate_prompt_tokens")
+        keep = engine.max_model_len if keep == -1 else keep
+
         def run() -> dict:
             prompts = inputs
             if body.messages is None:   # vLLM's default for input: the tokenizer's special tokens too
                 st.metrics.tokenized_chars.inc(text_chars(inputs))
                 special = body.add_special_tokens is not False
-                prompts = [engine.input_processor.prompt(item, i, add_special_tokens=special)
+                prompts = [truncated_prompt(engine, item, keep, special) if keep is not None
+                           else engine.input_processor.prompt(item, i, add_special_tokens=special)
                            for i, item in enumerate(inputs)]
+            elif keep is not None:
+                prompts = [Prompt(None, p.token_ids[:keep], None if p.token_type_ids is None else p.token_type_ids[:keep])
+                           for p in prompts]
             batch = engine.preprocess(list(prompts))
             vectors = engine.embed(batch)
             if body.dimensions is not None:

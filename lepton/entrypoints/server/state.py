@@ -8,6 +8,7 @@ character limits are checked on the event loop; the loop itself never waits for 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 from pathlib import Path
 
@@ -63,7 +64,7 @@ class ServerState:
         self.chat_template = chat_template
         self.limits = limits
         self.defaults = _generation_defaults(Path(engine.model_path))
-        self.metrics = ServerMetrics(self.async_engine)
+        self.metrics = ServerMetrics(self.async_engine, model_name=self.names[0])
         self.cache_salt_by_api_key = False   # --cache-salt-by-api-key (build_app sets it)
 
     # ---- checks -----------------------------------------------------------------------------------
@@ -98,11 +99,13 @@ class ServerState:
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
-    def make_request(self, request_id: str, prompt: Prompt, params, label: str, cache_salt: str | None = None):
-        """The engine's input processor validates; its ValueError is the client's 400."""
+    def make_request(self, request_id: str, prompt: Prompt, params, label: str, cache_salt: str | None = None,
+                     priority: int = 0):
+        """The engine's input processor validates; its ValueError is the client's 400. Lower
+        ``priority`` values are scheduled first (vLLM's priority scheduling)."""
         try:
             return self.engine.input_processor.process(request_id, prompt, params, label=label,
-                                                       cache_salt=cache_salt)
+                                                       cache_salt=cache_salt, priority=priority)
         except ValueError as err:
             raise APIError(400, str(err)) from None
 
@@ -117,18 +120,34 @@ class ServerState:
         # Hashed, so the nested salt stays within the engine's length limit whatever the body's is.
         return f"key:{key_id}/{hashlib.sha256(body.cache_salt.encode()).hexdigest()}"
 
-    async def prompts(self, prompt) -> list[Prompt]:
+    async def prompts(self, prompt, truncate: int | None = None) -> list[Prompt]:
         """A completions prompt (string, strings, token ids, lists of token ids) -> Prompts. The
         limits are checked first; then, on the offload pool, each prompt is tokenized and checked
         against the model's length, so the first that can never run ends the work (400)."""
         items = self.split(prompt, "prompt")
-        return await self.offload.run(self._generation_prompts, items)
+        return await self.offload.run(self._generation_prompts, items, truncate)
 
-    def _generation_prompts(self, items: list) -> list[Prompt]:
+    def truncated(self, token_ids: list[int], keep: int | None) -> list[int]:
+        """truncate_prompt_tokens: the last ``keep`` ids (-1: as many as a generation prompt may
+        have, max_model_len - 1), from the left as vLLM does, so the text nearest the answer stays."""
+        if keep is None:
+            return token_ids
+        limit = self.engine.max_model_len - 1
+        if keep == 0 or keep > limit:
+            raise APIError(400, f"truncate_prompt_tokens must be in [1, max_model_len - 1 = {limit}], or -1 "
+                                f"for that limit; got {keep}", param="truncate_prompt_tokens")
+        keep = limit if keep == -1 else keep
+        return token_ids[-keep:] if len(token_ids) > keep else token_ids
+
+    def _generation_prompts(self, items: list, truncate: int | None = None) -> list[Prompt]:
         processor, prompts = self.engine.input_processor, []
         try:
             for i, item in enumerate(items):
-                prompts.append(self.tokenize(item, i))
+                prompt = self.tokenize(item, i)
+                if truncate is not None:
+                    prompt = dataclasses.replace(prompt, text=None, token_ids=self.truncated(prompt.token_ids, truncate),
+                                                 token_type_ids=None)
+                prompts.append(prompt)
                 processor.check_prompt(prompts[-1].token_ids, f"prompt {i}", generation=True)
         except ValueError as err:
             raise APIError(400, str(err), param="prompt") from None
@@ -152,23 +171,31 @@ class ServerState:
         check_chars(text_chars(items), self.limits["max_prompt_chars"], param)
         return items
 
-    async def chat_prompt(self, messages, add_generation_prompt: bool = True, *,
-                          generation: bool = True) -> Prompt:
+    async def chat_prompt(self, messages, add_generation_prompt: bool = True, *, generation: bool = True,
+                          chat_template: str | None = None, continue_final_message: bool = False,
+                          template_kwargs: dict | None = None, truncate: int | None = None) -> Prompt:
         """The chat template's prompt for ``messages``: the character limit is checked first, then
         it is rendered and tokenized on the offload pool; with ``generation``, a prompt too long
-        for the model is refused there (400)."""
+        for the model is refused there (400). ``chat_template`` (a request's own) replaces the
+        server's; ``truncate``: keep only the last that many tokens (truncate_prompt_tokens)."""
         conversation = message_dicts(messages)
-        check_chars(text_chars(conversation), self.limits["max_prompt_chars"], "messages")
-        return await self.offload.run(self._chat_prompt, conversation, add_generation_prompt, generation)
+        check_chars(text_chars(conversation) + len(chat_template or ""), self.limits["max_prompt_chars"], "messages")
+        options = dict(chat_template=chat_template or self.chat_template,
+                       continue_final_message=continue_final_message, template_kwargs=template_kwargs)
+        return await self.offload.run(self._chat_prompt, conversation, add_generation_prompt, generation,
+                                      options, truncate)
 
-    def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool, generation: bool) -> Prompt:
+    def _chat_prompt(self, conversation: list[dict], add_generation_prompt: bool, generation: bool,
+                     options: dict | None = None, truncate: int | None = None) -> Prompt:
         processor = self.engine.input_processor
         self.metrics.tokenized_chars.inc(text_chars(conversation))
+        options = options or dict(chat_template=self.chat_template)
         try:
             # Not processor.chat: it also decodes the ids back to text, which the server never
             # uses, and a fast tokenizer's decode holds the GIL (about 0.1 s for 500k tokens).
-            prompt = Prompt(None, apply_chat_template(self.engine.tokenizer, conversation, self.chat_template,
-                                                      add_generation_prompt))
+            ids = apply_chat_template(self.engine.tokenizer, conversation, options.pop("chat_template"),
+                                      add_generation_prompt, **options)
+            prompt = Prompt(None, self.truncated(ids, truncate))
             if generation:
                 processor.check_prompt(prompt.token_ids, "messages", generation=True)
             return prompt
@@ -223,13 +250,16 @@ class ServerState:
                 self.metrics.observe(out.metrics)
         return finals
 
-    async def respond(self, requests, builder: ResponseBuilder, body, raw: Request):
+    async def respond(self, requests, builder: ResponseBuilder, body, raw: Request, select=None):
         """An SSE stream when the body asks for one, else the whole response once all finish. A
-        client that disconnects meanwhile cancels the work (its requests abort, freeing blocks)."""
+        client that disconnects meanwhile cancels the work (its requests abort, freeing blocks).
+        ``select``: applied to the final outputs before they are answered (best_of's ranking)."""
         handles = self.submit(requests)
         if body.stream:
-            usage = bool(body.stream_options and body.stream_options.include_usage)
-            return self.stream_response(self.stream(requests, handles, builder, usage), handles)
+            options = body.stream_options
+            usage = bool(options and options.include_usage)
+            continuous = bool(options and options.continuous_usage_stats)
+            return self.stream_response(self.stream(requests, handles, builder, usage, continuous), handles)
         work = asyncio.ensure_future(self.final(handles))
 
         async def disconnected():
@@ -249,7 +279,8 @@ class ServerState:
             return Response(status_code=499)   # nobody is listening any more
         if isinstance(work.exception(), EngineStepError):   # the engine loop logged it, and serves on
             raise APIError(500, str(work.exception()))
-        return await self.offload.json(builder.response, work.result())
+        finals = work.result() if select is None else select(work.result())
+        return await self.offload.json(builder.response, finals)
 
     def stream_response(self, content, handles) -> StreamingResponse:
         """``content`` (server-sent events) as the response; whatever ``handles`` still run or
@@ -260,11 +291,16 @@ class ServerState:
         for request_id, _ in handles:
             self.async_engine.release(request_id)
 
-    async def stream(self, requests, handles, builder: ResponseBuilder, include_usage: bool):
+    async def stream(self, requests, handles, builder: ResponseBuilder, include_usage: bool,
+                     continuous_usage: bool = False):
+        """The SSE events of a stream; ``continuous_usage`` (stream_options.continuous_usage_stats):
+        every chunk carries the usage so far, as vLLM's do."""
         prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
         try:
             async for i, out in self.outputs(handles):
                 for chunk in builder.chunks(i, out):
+                    if continuous_usage:
+                        chunk["usage"] = builder.usage(prompt_tokens)
                     yield sse(chunk)
                 if out.finished:
                     self.metrics.observe(out.metrics)
