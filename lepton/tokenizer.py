@@ -45,11 +45,12 @@ TEMPLATE_ARGUMENTS = frozenset({
 
 def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str | None = None,
                         add_generation_prompt: bool = True, *, continue_final_message: bool = False,
-                        template_kwargs: dict | None = None) -> list[int]:
+                        template_kwargs: dict | None = None, tools: list[dict] | None = None) -> list[int]:
     """A conversation [{"role", "content"}, ...] -> prompt token ids, via the tokenizer's template.
 
     continue_final_message: the last message is left open (no end-of-turn after it), so the model
-    continues it; template_kwargs: more variables for the template (e.g. enable_thinking)."""
+    continues it; template_kwargs: more variables for the template (e.g. enable_thinking); tools:
+    OpenAI's tool definitions, the template's ``tools`` variable."""
     if tokenizer is None:
         raise ValueError("chat needs a tokenizer, and this model folder has none")
     if chat_template is None and not getattr(tokenizer, "chat_template", None):
@@ -67,7 +68,8 @@ def apply_chat_template(tokenizer, conversation: list[dict], chat_template: str 
                          "the template call, not template variables")
     text = tokenizer.apply_chat_template(conversation, chat_template=chat_template, tokenize=False,
                                          add_generation_prompt=add_generation_prompt,
-                                         continue_final_message=continue_final_message, **(template_kwargs or {}))
+                                         continue_final_message=continue_final_message, tools=tools,
+                                         **(template_kwargs or {}))
     # The template writes the special tokens (bos, role markers) itself.
     return encode(tokenizer, text, add_special_tokens=False)[0]
 

@@ -55,10 +55,12 @@ COVERED = {
     "priority": "test_field_rule::test_priority_orders_the_queue",
     "response_format": "test_structured_outputs_api::test_completions_json_object_and_schema",
     "structured_outputs": "test_structured_outputs_api::test_structured_outputs_choice_regex_grammar",
-    "guided_json": "test_structured_outputs_api::test_structured_outputs_choice_regex_grammar",
-    "guided_regex": "test_structured_outputs_api::test_structured_outputs_choice_regex_grammar",
+    "guided_json": "test_structured_outputs_api::test_guided_fields_are_the_same_specs",
+    "guided_regex": "test_structured_outputs_api::test_guided_fields_are_the_same_specs",
     "guided_choice": "test_structured_outputs_api::test_structured_outputs_choice_regex_grammar",
-    "guided_grammar": "test_structured_outputs_api::test_structured_outputs_choice_regex_grammar",
+    "guided_grammar": "test_structured_outputs_api::test_guided_fields_are_the_same_specs",
+    "tools": "test_tool_calling::test_required_calls_parse_and_validate",
+    "tool_choice": "test_tool_calling::test_named_function_is_called",
     # OpenAI's end-user id: accepted for compatibility, recorded nowhere, no effect on the output.
     "user": "test_api::test_sampling_fields_accepted",
 }

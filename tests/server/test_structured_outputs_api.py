@@ -125,3 +125,13 @@ def test_two_specs_at_once_are_refused(client):
     with pytest.raises(openai.BadRequestError) as info:
         complete(client, extra_body={"response_format": {"type": "json_object"}, "guided_regex": "a+"})
     assert info.value.body.get("param") == "guided_regex"
+
+
+def test_guided_fields_are_the_same_specs(client):
+    """vLLM's older names: guided_json, guided_regex and guided_grammar hold like structured_outputs."""
+    resp = complete(client, extra_body={"guided_json": SCHEMA}, n=3, temperature=1.0, seed=21)
+    assert valid([(c.text, c.finish_reason) for c in resp.choices], SCHEMA) >= 1
+    resp = complete(client, extra_body={"guided_regex": r"[a-c]{2}-\d"}, n=3, temperature=1.0, seed=22)
+    assert all(re.fullmatch(r"[a-c]{2}-\d", c.text) for c in resp.choices)
+    resp = chat(client, extra_body={"guided_grammar": 'root ::= "on" | "off"'}, n=2, temperature=1.0, seed=23)
+    assert all(c.message.content in ("on", "off") for c in resp.choices)

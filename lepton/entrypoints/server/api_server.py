@@ -34,13 +34,17 @@ from lepton.entrypoints.server.routes_misc import register_misc_routes
 from lepton.entrypoints.server.routes_pooling import register_pooling_routes
 from lepton.entrypoints.server.routes_responses import register_responses_routes
 from lepton.entrypoints.server.state import DEFAULT_LIMITS, ServerState
+from lepton.entrypoints.server.tool_calls import PARSERS
+from lepton.entrypoints.server.tools import plan_tools
 
 def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: list[str] = (),
               chat_template: str | None = None, max_body_bytes: int = 10 << 20, metrics_public: bool = False,
-              cache_salt_by_api_key: bool = False, body_timeout: float | None = None, **limits) -> FastAPI:
+              cache_salt_by_api_key: bool = False, body_timeout: float | None = None,
+              tool_call_parser: str | None = None, **limits) -> FastAPI:
     """``metrics_public``: /metrics needs no key even with ``api_keys``; ``cache_salt_by_api_key``:
     each key gets its own prefix-cache partition; ``body_timeout``: seconds a body may take to
-    arrive (408 past it). ``app.state.drain`` is the Drain a server starts on SIGTERM (drain.py)."""
+    arrive (408 past it); ``tool_call_parser``: reads tool calls for tool_choice "auto" (tools.py).
+    ``app.state.drain`` is the Drain a server starts on SIGTERM (drain.py)."""
     unknown = set(limits) - set(DEFAULT_LIMITS)
     if unknown:
         raise ValueError(f"unknown limits {sorted(unknown)}; known: {sorted(DEFAULT_LIMITS)}")
@@ -48,6 +52,9 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         raise ValueError("--cache-salt-by-api-key needs --api-key: without keys there is nothing to salt by")
     st = ServerState(engine, served_model_name, chat_template, dict(DEFAULT_LIMITS, **limits))
     st.cache_salt_by_api_key = cache_salt_by_api_key
+    if tool_call_parser is not None and tool_call_parser not in PARSERS:
+        raise ValueError(f"unknown tool-call parser {tool_call_parser!r}; known: {', '.join(sorted(PARSERS))}")
+    st.tool_call_parser = tool_call_parser
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -115,11 +122,12 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         model = st.check_model(body.model)
         st.generative("chat completions")
         body.refuse_unsupported()
+        tools = plan_tools(body, st.tool_call_parser)
         prompt = await st.chat_prompt(body.messages, body.add_generation_prompt,
                                       chat_template=body.chat_template,
                                       continue_final_message=body.continue_final_message,
                                       template_kwargs=body.chat_template_kwargs,
-                                      truncate=body.truncate_prompt_tokens)
+                                      truncate=body.truncate_prompt_tokens, tools=tools.tools)
         max_tokens = (body.max_completion_tokens or body.max_tokens
                       or max(1, engine.max_model_len - len(prompt.token_ids)))
         num_logprobs = (body.top_logprobs or 0) if body.logprobs else None
@@ -127,16 +135,21 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         params = sampling_params(body, max_tokens=max_tokens, logprobs=num_logprobs, defaults=st.defaults,
                                  limits=st.limits, stream=body.stream,
                                  vocab_size=engine.vocab_size)
-        params = dataclasses.replace(params, prompt_logprobs=prompt_logprobs)
+        params = dataclasses.replace(params, prompt_logprobs=prompt_logprobs,
+                                     structured_outputs=tools.structured or params.structured_outputs,
+                                     skip_special_tokens=params.skip_special_tokens and tools.skip_special_tokens)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         requests = [st.make_request(rid, dataclasses.replace(prompt, text=None), params, "messages",
                                     st.cache_salt(body, raw), priority=body.priority)]
         # chat echo (vLLM's): the answer repeats the last message when it is the assistant's own
         last = message_dicts(body.messages[-1:])[0]
         echo = last["content"] if body.echo and last["role"] == "assistant" else ""
+        if echo and tools.mode != "none":
+            raise APIError(400, "echo cannot be combined with tool calls", param="echo")
         builder = ResponseBuilder("chat", rid, model, body.n, num_logprobs, engine.tokenizer,
                                   prompt_logprobs=body.prompt_logprobs, return_token_ids=body.return_token_ids,
-                                  tokens_as_ids=body.return_tokens_as_token_ids, chat_echo=echo)
+                                  tokens_as_ids=body.return_tokens_as_token_ids, chat_echo=echo,
+                                  tool_calls=tools.shaper())
         return await st.respond(requests, builder, body, raw)
 
     # /v1/embeddings, /v1/score, /v1/rerank, /classify: routes_pooling.py; /tokenize, /ping,

@@ -22,6 +22,7 @@ import sys
 import time
 
 from lepton.entrypoints.cli.io import add_engine_arguments, engine_kwargs, positive_int
+from lepton.entrypoints.server.tool_calls import PARSERS
 
 GRACE_SECONDS = 4
 DRAIN_MARGIN_SECONDS = 2   # uvicorn's deadline, after ours: time for the clean endings to go out
@@ -46,6 +47,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key", action="append", default=None,
                         help="accepted Bearer key (repeatable; also LEPTON_API_KEY, comma-separated)")
     parser.add_argument("--chat-template", default=None, help="a Jinja chat template file to use instead")
+    parser.add_argument("--tool-call-parser", default=None, choices=sorted(PARSERS),
+                        help='how to read tool calls from answers, for tool_choice "auto" (default: "auto" '
+                             "is refused; \"required\" and named functions need no parser)")
     add_engine_arguments(parser)
     parser.add_argument("--max-pending", type=positive_int, default=1024, help="queued requests before 429")
     parser.add_argument("--max-body-bytes", type=positive_int, default=10 << 20, help="request body limit (413)")
@@ -148,7 +152,8 @@ def run_serve(args: argparse.Namespace) -> int:
         app = build_app(engine, served_model_name=args.served_model_name, api_keys=api_keys,
                         chat_template=chat_template, max_body_bytes=args.max_body_bytes,
                         metrics_public=args.metrics_public, cache_salt_by_api_key=args.cache_salt_by_api_key,
-                        body_timeout=args.timeout_body, max_pending=args.max_pending,
+                        body_timeout=args.timeout_body, tool_call_parser=args.tool_call_parser,
+                        max_pending=args.max_pending,
                         max_prompts=args.max_prompts, max_n=args.max_n, max_logprobs=args.max_logprobs,
                         max_stop=args.max_stop, max_prompt_chars=args.max_prompt_chars,
                         max_stream_buffer_tokens=args.max_stream_buffer_tokens)

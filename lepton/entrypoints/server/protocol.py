@@ -18,6 +18,7 @@ from lepton.outputs import RequestOutput
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.structured import structured_outputs
+from lepton.entrypoints.server.tools import template_tool_calls
 
 
 def _not_a_bool(value: Any) -> Any:
@@ -133,8 +134,8 @@ class _Common(RequestBody):
 
     UNSUPPORTED: ClassVar[dict[str, str]] = {
         "use_beam_search": "lepton does not run beam search; sample with n and best_of",
-        **{name: "tool calling is not implemented yet" for name in (
-            "tools", "tool_choice", "functions", "function_call")},
+        **{name: "OpenAI's deprecated function calling; send tools and tool_choice" for name in (
+            "functions", "function_call")},
     }
 
     def refuse_unsupported(self) -> None:
@@ -154,7 +155,8 @@ class CompletionRequest(_Common):
     suffix: str | None = None
 
     UNSUPPORTED: ClassVar[dict[str, str]] = dict(
-        _Common.UNSUPPORTED, suffix="lepton's models have no fill-in-the-middle mode")
+        _Common.UNSUPPORTED, suffix="lepton's models have no fill-in-the-middle mode",
+        **{name: "tools are called on /v1/chat/completions" for name in ("tools", "tool_choice")})
     logprobs: Int | None = Field(default=None, ge=0)
     echo: bool = False
     max_tokens: Int | None = Field(default=None, ge=0)   # 0 with echo: the prompt alone, scored
@@ -166,6 +168,10 @@ class ChatMessage(BaseModel):
 
     role: str
     content: Union[str, list[dict[str, Any]], None] = None
+    # Tool calling (server/tools.py): an assistant's calls, and a tool's answer to one of them.
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    name: str | None = None
 
 
 class ChatCompletionRequest(_Common):
@@ -191,13 +197,16 @@ class DetokenizeRequest(RequestBody):
 
 
 def message_dicts(messages: list[ChatMessage]) -> list[dict]:
-    """Messages as the chat template wants them; content parts [{"type": "text", ...}] joined."""
+    """Messages as the chat template wants them; content parts [{"type": "text", ...}] joined;
+    tool_calls (their arguments as objects), tool_call_id and name kept where given."""
     out = []
     for m in messages:
         content = m.content
         if isinstance(content, list):
             content = "".join(part.get("text", "") for part in content if part.get("type") == "text")
-        out.append({"role": m.role, "content": content or ""})
+        message = {"role": m.role, "content": content or ""}
+        message.update({key: value for key in ("tool_call_id", "name") if (value := getattr(m, key)) is not None})
+        out.append(template_tool_calls(dict(message, tool_calls=m.tool_calls)) if m.tool_calls else message)
     return out
 
 

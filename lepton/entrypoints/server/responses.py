@@ -144,18 +144,20 @@ class ResponseBuilder:
     along (per choice for completions, per response for chat; in a stream, with the first chunk).
     tokens_as_ids: logprob tokens spelled "token_id:<id>". chat_echo: text the chat message
     starts with (chat echo: the last message's content, when it has the assistant's role).
+    tool_calls: a tools.ToolCallShaper, which turns chat answers into content and tool_calls.
     """
 
     def __init__(self, kind: str, request_id: str, model: str, n: int, num_logprobs: int | None,
                  tokenizer=None, *, echo: bool = False, prompt_logprobs: int | None = None,
                  generate: bool = True, skip_special_tokens: bool = True, return_token_ids: bool = False,
-                 tokens_as_ids: bool = False, chat_echo: str = ""):
+                 tokens_as_ids: bool = False, chat_echo: str = "", tool_calls=None):
         self.kind, self.id, self.model, self.n = kind, request_id, model, n
         self.tokenizer = tokenizer
         self.num_logprobs = num_logprobs
         self.echo, self.num_prompt_logprobs, self.generate = echo, prompt_logprobs, generate
         self.skip_special_tokens = skip_special_tokens
         self.return_token_ids, self.tokens_as_ids, self.chat_echo = return_token_ids, tokens_as_ids, chat_echo
+        self.tool_calls = tool_calls
         self._cached: dict[int, int] = {}        # prompt index -> its tokens served from the prefix cache
         self.created = int(time.time())
         self.completion_tokens = 0
@@ -201,7 +203,14 @@ class ResponseBuilder:
                                   if want else None)
             text = self.chat_echo + text if first else text
             if stream:
-                choice["delta"] = {"content": text, "role": "assistant"} if first else {"content": text}
+                delta = {"content": text}
+                if self.tool_calls is not None:   # content held where a call may begin (tools.py)
+                    delta, finish_reason = self.tool_calls.delta(index, text, finish_reason)
+                    if not (delta or first or finish_reason or want or self.return_token_ids):
+                        return None
+                choice["delta"] = {**delta, "role": "assistant"} if first else delta
+            elif self.tool_calls is not None:
+                choice["message"], finish_reason = self.tool_calls.message(text, finish_reason)
             else:
                 choice["message"] = {"role": "assistant", "content": text}
         else:

@@ -23,6 +23,7 @@ from lepton.entrypoints.server.offload import Offload, check_chars, text_chars
 from lepton.entrypoints.server.middleware import KEY_ID_STATE
 from lepton.entrypoints.server.protocol import message_dicts
 from lepton.entrypoints.server.responses import SSE_DONE, ResponseBuilder, sse
+from lepton.entrypoints.server.tools import check_template_renders_tools
 from lepton.model_executor.config_checks import read_generation_config
 from lepton.tokenizer import apply_chat_template
 
@@ -66,6 +67,7 @@ class ServerState:
         self.defaults = _generation_defaults(Path(engine.model_path))
         self.metrics = ServerMetrics(self.async_engine, model_name=self.names[0])
         self.cache_salt_by_api_key = False   # --cache-salt-by-api-key (build_app sets it)
+        self.tool_call_parser: str | None = None   # --tool-call-parser (build_app sets it)
 
     # ---- checks -----------------------------------------------------------------------------------
     def check_model(self, model: str | None) -> str:
@@ -173,15 +175,21 @@ class ServerState:
 
     async def chat_prompt(self, messages, add_generation_prompt: bool = True, *, generation: bool = True,
                           chat_template: str | None = None, continue_final_message: bool = False,
-                          template_kwargs: dict | None = None, truncate: int | None = None) -> Prompt:
+                          template_kwargs: dict | None = None, truncate: int | None = None,
+                          tools: list[dict] | None = None) -> Prompt:
         """The chat template's prompt for ``messages``: the character limit is checked first, then
         it is rendered and tokenized on the offload pool; with ``generation``, a prompt too long
         for the model is refused there (400). ``chat_template`` (a request's own) replaces the
-        server's; ``truncate``: keep only the last that many tokens (truncate_prompt_tokens)."""
+        server's; ``truncate``: keep only the last that many tokens (truncate_prompt_tokens);
+        ``tools``: the template's tools variable (tools.py checks the template reads it)."""
         conversation = message_dicts(messages)
-        check_chars(text_chars(conversation) + len(chat_template or ""), self.limits["max_prompt_chars"], "messages")
+        check_chars(text_chars(conversation) + text_chars(tools) + len(chat_template or ""),
+                    self.limits["max_prompt_chars"], "messages")
         options = dict(chat_template=chat_template or self.chat_template,
                        continue_final_message=continue_final_message, template_kwargs=template_kwargs)
+        if tools is not None:
+            check_template_renders_tools(options["chat_template"] or getattr(self.engine.tokenizer, "chat_template", None))
+            options["tools"] = tools
         return await self.offload.run(self._chat_prompt, conversation, add_generation_prompt, generation,
                                       options, truncate)
 
