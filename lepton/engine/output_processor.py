@@ -15,9 +15,10 @@ Hence the streamed deltas of every request concatenate to its final text.
 
 Logprob entries name tokens by text: the sampled (or prompt) token by its piece, the text it
 added to the output (detokenizer.py), so the pieces concatenate to the text; the alternatives
-by the text they would have added at that point. A DELTA output carries the tokens whose pieces
-are settled (final and within the text handed out): with stop strings, or a character split
-across tokens, a token follows its text by a step or a few.
+by the text they would have added at that point. A DELTA output of a request with logprobs
+carries the tokens whose pieces are settled (final and within the text handed out): with stop
+strings, or a character split across tokens, a token follows its text by a step or a few.
+Without logprobs every new token goes out in the step that made it.
 
 Metrics per request: first token time, inter-token latencies of the first sample, last token
 and finish times (the core stamps arrival, scheduling and preemptions).
@@ -243,7 +244,11 @@ class OutputProcessor:
         if delta:
             start = sample.num_sent_tokens
             text = "" if detok is None else detok.get_next_delta(seq_finished)
-            settled = self._settled(detok, total, seq_finished, detok.num_sent_chars if detok else 0)
+            # Tokens go out with the text they settled into only when their logprobs name them by
+            # it; otherwise each one goes out at once, so a stream gets an event every step even
+            # while a character split across tokens (or a possible stop string) holds its text back.
+            settled = (self._settled(detok, total, seq_finished, detok.num_sent_chars if detok else 0)
+                       if want_logprobs else total)
             if start == settled and not text and (sample.finish_sent or not seq_finished):
                 return None
             ids = seq.token_ids[num_prompt + start:num_prompt + settled]
