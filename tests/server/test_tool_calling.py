@@ -226,7 +226,8 @@ def test_auto_needs_a_parser_and_tools_need_a_template(client):
 ])
 def test_stream_shaping_on_fixed_strings(parser, text, content):
     """Deltas of a text fed 3 characters at a time: content never shows a (partial) call marker,
-    and the call comes whole at the end, as the parser reads the whole text."""
+    and the call's entries (in pieces for hermes, whole at the end for the others) assemble to
+    the call the parser reads in the whole text."""
     from lepton.entrypoints.server.tools import ToolCallShaper, ToolPlan
 
     shaper = ToolCallShaper(ToolPlan(mode="auto", parser=parser))
@@ -237,5 +238,7 @@ def test_stream_shaping_on_fixed_strings(parser, text, content):
     if content == text:
         assert not calls and deltas[-1][1] == "stop"
     else:
-        assert deltas[-1][1] == "tool_calls" and [(c["index"], c["function"]["name"], json.loads(
-            c["function"]["arguments"])) for c in calls] == [(0, "add", {"a": 1, "b": 2})]
+        assert deltas[-1][1] == "tool_calls" and {c["index"] for c in calls} == {0}
+        name = "".join(c["function"].get("name", "") for c in calls)
+        arguments = "".join(c["function"]["arguments"] for c in calls)
+        assert (name, json.loads(arguments)) == ("add", {"a": 1, "b": 2})

@@ -13,8 +13,14 @@ reads ``tools`` is a 400, since the model would be asked to call functions it wa
 A forced call cut off by max_tokens stays content with finish_reason "length".
 
 Streams: content streams as it comes until the text may begin a call (the parser's marker, or
-the whole answer for forced calls and llama3); the rest is held, and once the answer ends each
-call goes out whole, in one delta with its index, id, type, name and arguments.
+the whole answer for forced calls and llama3). Forced calls and hermes' stream as OpenAI's do
+(tool_stream.py): a call's first delta, with its index, id, type and name, once the name is
+complete, then its arguments' JSON text as it is generated. Their arguments, streamed or not, are
+the raw text of the arguments object as the model wrote it, so the chunks concatenate to the
+whole message's string. Once a call has begun streaming the answer is calls: one cut off
+(max_tokens) ends with finish_reason "length" and no content. llama3 and mistral (whose calls
+are not one object per call in a fixed place) hold the rest, and once the answer ends each call
+goes out whole, in one delta with its index, id, type, name and arguments (json.dumps of them).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from lepton.engine.structured_output.params import StructuredOutputsParams
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.structured import structured_outputs
 from lepton.entrypoints.server.tool_calls import ParsedToolCalls, ToolCall, parse_tool_calls
+from lepton.entrypoints.server.tool_stream import CallStream, ToolCallScanner
 
 _MARKERS = {"hermes": "<tool_call>", "mistral": "[TOOL_CALLS]"}   # llama3: the whole answer is the call
 _SCHEMA_KINDS = ("type", "anyOf", "$ref", "enum", "const")
@@ -148,8 +155,28 @@ class ToolCallShaper:
     plan: ToolPlan
     _texts: dict[int, str] = field(default_factory=dict)      # stream: the answer so far
     _sent: dict[int, int] = field(default_factory=dict)       # stream: characters sent as content
+    _streams: dict[int, CallStream] = field(default_factory=dict)   # stream: calls sent so far
 
-    def parse(self, text: str, finish_reason: str | None) -> ParsedToolCalls:
+    def _scanner(self) -> ToolCallScanner | None:
+        """A scanner of the calls as they are generated, where they can be followed (forced, hermes)."""
+        if self.plan.mode == "forced":
+            return ToolCallScanner(call_depth=0 if self.plan.named is not None else 1)
+        return ToolCallScanner(hermes=True) if self.plan.mode == "auto" and self.plan.parser == "hermes" else None
+
+    def parse(self, text: str, finish_reason: str | None, scanner: ToolCallScanner | None = None) -> ParsedToolCalls:
+        """The answer's content and calls; a scanned call's arguments are its object's raw text."""
+        parsed = self._parse(text, finish_reason)
+        if scanner is None:
+            scanner = self._scanner()
+            if scanner is not None:
+                scanner.scan(text)
+        for call, scanned in zip(parsed.tool_calls, scanner.calls if scanner is not None else []):
+            raw = scanned.raw_arguments(text)
+            if raw is not None and scanned.name == call.name and json.loads(raw) == json.loads(call.arguments):
+                call.arguments = raw
+        return parsed
+
+    def _parse(self, text: str, finish_reason: str | None) -> ParsedToolCalls:
         if self.plan.mode == "auto":
             return parse_tool_calls(self.plan.parser, text)
         if finish_reason != "stop":   # cut off (length, abort): no whole call to return
@@ -172,19 +199,29 @@ class ToolCallShaper:
 
     def delta(self, index: int, text: str, finish_reason: str | None) -> tuple[dict, str | None]:
         """The next piece of choice ``index`` -> (delta, finish_reason): content up to where a
-        call may begin; at the end, the rest of the content and the calls."""
+        call may begin, the calls' pieces as they complete; at the end, the rest of them."""
         whole = self._texts[index] = self._texts.get(index, "") + text
         sent = self._sent.get(index, 0)
+        if index not in self._streams and (scanner := self._scanner()) is not None:
+            self._streams[index] = CallStream(scanner)
+        stream = self._streams.get(index)
+        calls = stream.entries(whole) if stream is not None else []
+        upto = max(sent, self._safe_end(whole))
+        self._sent[index] = upto
+        delta = {"content": whole[sent:upto]} if upto > sent else {}
         if finish_reason is None:
-            upto = self._safe_end(whole)
-            self._sent[index] = max(sent, upto)
-            return ({"content": whole[sent:upto]} if upto > sent else {}), None
-        parsed = self.parse(whole, finish_reason)
+            return dict(delta, tool_calls=calls) if calls else delta, None
+        parsed = self.parse(whole, finish_reason, stream.scanner if stream is not None else None)
         if not parsed.tool_calls:
+            if stream is not None and stream.started:   # the calls went out in part: the rest is not content
+                return dict(delta, tool_calls=calls) if calls else delta, finish_reason
             return {"content": whole[sent:]}, finish_reason
-        rest = whole[sent:max(sent, self._safe_end(whole))]   # the content before the first call
-        delta = {"content": rest} if rest else {}
-        delta["tool_calls"] = tool_call_dicts(parsed.tool_calls, stream=True)
+        if stream is not None:
+            calls += stream.finish([(c.name, c.arguments) for c in parsed.tool_calls])
+        else:
+            calls = tool_call_dicts(parsed.tool_calls, stream=True)
+        if calls:
+            delta["tool_calls"] = calls
         return delta, "tool_calls" if finish_reason == "stop" else finish_reason
 
     def _safe_end(self, text: str) -> int:
