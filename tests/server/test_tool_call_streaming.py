@@ -15,21 +15,12 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server.conftest import MODEL_NAME, ServerProcess
-from tests.server.test_tool_calling import FORCED, PARAMETERS, TOOLS_TEMPLATE, chat
+from tests.server.test_tool_calling import FORCED, PARAMETERS, chat, tool_server_process
 
 
 @pytest.fixture(scope="module")
 def tc(tmp_path_factory):
-    from tests.models.conftest import make_checkpoint
-
-    folder = make_checkpoint(tmp_path_factory.mktemp("stream_ckpt"), "llama", max_position_embeddings=1024)
-    logs = tmp_path_factory.mktemp("stream_logs")
-    template = logs / "tools.jinja"
-    template.write_text(TOOLS_TEMPLATE)
-    args = ["--served-model-name", MODEL_NAME, "--max-model-len", "1024", "--dtype", "float32", "--seed", "0",
-            "--chat-template", str(template), "--tool-call-parser", "hermes"]
-    with ServerProcess(folder, args, logs) as proc:
+    with tool_server_process(tmp_path_factory, "stream") as proc:
         c = openai.OpenAI(base_url=f"{proc.url}/v1", api_key="unused", max_retries=0, timeout=120.0)
         yield c
         c.close()

@@ -10,6 +10,7 @@ content; tool calls and tool results in the messages render as transformers rend
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import jsonschema
@@ -38,18 +39,25 @@ MESSAGES = [{"role": "user", "content": "What is the weather in Paris?"}]
 MAX_TOKENS = 300
 
 
-@pytest.fixture(scope="module")
-def tool_server(tmp_path_factory):
+@contextlib.contextmanager
+def tool_server_process(tmp_path_factory, name: str):
+    """A server of a tiny Llama (1024 positions) with TOOLS_TEMPLATE and --tool-call-parser hermes."""
     from tests.models.conftest import make_checkpoint
 
-    folder = make_checkpoint(tmp_path_factory.mktemp("tool_ckpt"), "llama", max_position_embeddings=1024)
-    logs = tmp_path_factory.mktemp("tool_logs")
+    folder = make_checkpoint(tmp_path_factory.mktemp(f"{name}_ckpt"), "llama", max_position_embeddings=1024)
+    logs = tmp_path_factory.mktemp(f"{name}_logs")
     template = logs / "tools.jinja"
     template.write_text(TOOLS_TEMPLATE)
     args = ["--served-model-name", MODEL_NAME, "--max-model-len", "1024", "--dtype", "float32", "--seed", "0",
             "--chat-template", str(template), "--tool-call-parser", "hermes"]
     with ServerProcess(folder, args, logs) as proc:
         proc.model_dir = folder
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def tool_server(tmp_path_factory):
+    with tool_server_process(tmp_path_factory, "tool") as proc:
         yield proc
 
 
