@@ -163,18 +163,24 @@ def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | N
                     time.perf_counter() - start)
 
 
+def checkpoint_weights(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(hf_name, tensor) for every weight of the checkpoint whose files ``safetensors_files``
+    found, in the checkpoint's dtype, on ``device``."""
+    return iter_weights(files, device)
+
+
 def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.device,
                quantization: str | None = None) -> torch.nn.Module:
     """Build the architecture's model on ``device`` and fill it from the checkpoint; with
     ``quantization`` ("int8" / "int4") its Linear layers are quantized while loading, and the LM
     head once loaded (see layers.linear.quantize_lm_head)."""
     cls = models.get_model_class(hf_config["architectures"][0])
-    files = safetensors_files(path)
+    files = safetensors_files(path)   # before the model is built: a folder without weights fails fast
     model = cls.from_config(hf_config, dtype, device)
     plan = quantization_plan(model, quantization) if quantization is not None else []
     # Tensors arrive in the checkpoint's dtype; load_weights copies each into its parameter, and
     # copy_ casts on the way: one read and one write per weight (casting first doubles the load time).
-    weights = iter_weights(files, device)
+    weights = checkpoint_weights(files, device)
     if plan:
         weights = quantize_as_loaded(model, weights, plan)
     model.load_weights(weights)

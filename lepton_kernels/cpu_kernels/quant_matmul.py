@@ -77,6 +77,10 @@ def available() -> str | None:
 def supports(x, qw, bias=None) -> bool | str:
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
         return "x requires grad and the cpu kernel has no backward"
+    if getattr(qw, "perm", None) is not None:
+        return "the cpu kernel does not take an input permutation (act-order) yet"
+    if getattr(qw, "bits", None) == 8 and (qw.group_size is not None or qw.zeros is not None):
+        return "the cpu kernel reads int8 per output channel, symmetric, only"
     return True
 
 
