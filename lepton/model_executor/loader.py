@@ -4,15 +4,17 @@
     hf_config = read_config(path)
     model = load_model(path, hf_config, dtype, device, quantization=None | "int8" | "int4")
 
-Weights come from safetensors only: ``model.safetensors``, or the shards listed in
+Weights come from safetensors: ``model.safetensors``, or the shards listed in
 ``model.safetensors.index.json``, memory-mapped with ``safe_open`` and handed tensor by tensor to
 the model, which copies (and so casts) each into its parameter on the target device: host memory
 beyond the model itself peaks near one shard's mapped pages.
 With ``quantization``, each Linear is quantized the moment its last checkpoint tensor has been
 copied in, and its float storage freed: the float model never exists whole, so host memory peaks
 near the packed model plus one layer's float weight (plus the shard's mapped pages).
-Pickle checkpoints (*.bin, *.pt, ...) are refused: unpickling runs arbitrary code. Nothing from
-the checkpoint is ever executed (no remote code).
+A folder without safetensors may hold a Hugging Face TensorFlow checkpoint (``tf_model.h5`` or
+its shards), read with h5py and renamed to the PyTorch names (tf_checkpoint.py); safetensors win
+when a folder has both. Pickle checkpoints (*.bin, *.pt, ...) are refused: unpickling runs
+arbitrary code. Nothing from the checkpoint is ever executed (no remote code).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Iterator
 
 import torch
 
-from lepton.model_executor import models
+from lepton.model_executor import models, tf_checkpoint
 from lepton.model_executor.config_checks import check_config, read_json_object
 from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
 
@@ -66,12 +68,14 @@ def _download(repo_id: str) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS, local_files_only=offline))
         # Only the weights the loader reads: the index's shards, else model.safetensors, else any
-        # safetensors (some repos ship the same weights twice, e.g. consolidated + sharded).
-        for weights in (_indexed_shards(folder), ["model.safetensors"], ["*.safetensors"]):
+        # safetensors (some repos ship the same weights twice, e.g. consolidated + sharded); only
+        # a repo without safetensors gets its TensorFlow weights fetched.
+        for weights in (_indexed_shards(folder), ["model.safetensors"], ["*.safetensors"],
+                        *tf_checkpoint.hub_weight_patterns(folder)):
             if weights:
                 folder = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS + weights,
                                                 local_files_only=offline))
-                if any(folder.glob("*.safetensors")):
+                if any(folder.glob("*.safetensors")) or any(folder.glob("*.h5")):
                     break
         return folder
     except Exception as err:  # the hub raises many types; all mean "not available"
@@ -130,14 +134,15 @@ def safetensors_files(path: Path) -> list[Path]:
         return files
     if (path / "model.safetensors").is_file():
         return [path / "model.safetensors"]
-    files = sorted(path.glob("*.safetensors"))
+    files = sorted(path.glob("*.safetensors")) or tf_checkpoint.tf_weight_files(path)
     if files:
         return files
     pickles = sorted(p.name for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
         raise ValueError(f"{path} holds only pickle checkpoints ({', '.join(pickles)}); lepton loads "
-                         f"safetensors only, because unpickling can run arbitrary code. {_CONVERT_HINT}")
-    raise FileNotFoundError(f"{path} has no *.safetensors weights")
+                         f"safetensors (or a TensorFlow tf_model.h5), because unpickling can run "
+                         f"arbitrary code. {_CONVERT_HINT}")
+    raise FileNotFoundError(f"{path} has no weights: no *.safetensors, no {tf_checkpoint.TF_WEIGHTS}")
 
 
 def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | None = None
@@ -166,6 +171,8 @@ def iter_weights(files: list[Path], device: torch.device, dtype: torch.dtype | N
 def checkpoint_weights(files: list[Path], device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
     """(hf_name, tensor) for every weight of the checkpoint whose files ``safetensors_files``
     found, in the checkpoint's dtype, on ``device``."""
+    if files and files[0].suffix == ".h5":
+        return tf_checkpoint.iter_tf_weights(files, device)
     return iter_weights(files, device)
 
 
