@@ -16,9 +16,12 @@
  *   once: s * sum(x q). int4 sums x q per group and folds the group in with its scale and zero:
  *   sum_j s_j * (sum_{k in j} x_k q_k - z_j * sum_{k in j} x_k), the per-group sums of x
  *   computed once per call; the inner loop is then a widen, a convert and an FMA per weight.
- * - batched (M >= TILE_MB): each thread dequantizes a block of N_BLOCK weight rows into a float
- *   scratch (L1/L2-resident), then runs TILE_MB x TILE_NB float tiles over it: the conversion
- *   is paid once per weight, not once per row of x, and the inner loop is loads and FMAs only.
+ * - batched (M >= TILE_MB): TILE_MB x TILE_NB tiles, each weight vector loaded once per tile and
+ *   fed to TILE_MB rows of x. int8 converts it in registers (the conversion issues on other
+ *   ports than the FMAs, so it is nearly free at 6 rows). int4, whose conversion also needs its
+ *   group's scale and zero (two more registers per weight row than a 6 x 2 tile has), has each
+ *   thread dequantize a block of N_BLOCK rows into a float scratch (L1/L2-resident) first: paid
+ *   once per weight, not once per row of x.
  * Threads (OpenMP, the runtime torch already loaded) split the output rows in blocks of
  * N_BLOCK. Edge tiles point their missing rows at the tile's first row and drop those results.
  * Every path is a float32 dot product of the same values, so results differ from the eager
@@ -67,10 +70,26 @@ typedef int32_t vi32 __attribute__((vector_size(4 * LANES)));
 
 INLINE vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
 INLINE vf splat(float s) { return (vf){0} + s; }
-INLINE float hsum(vf v) { float s = 0.f; for (int l = 0; l < LANES; l++) s += v[l]; return s; }
-#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AVX__)
 #include <immintrin.h>
 #endif
+/* The lanes' sum as a tree of adds: a lane-by-lane loop is a serial chain of LANES adds and
+ * shuffles, which gcc may not reorder; per 6 x 2 tile it cost as much as a third of its FMAs. */
+#if defined(__AVX512F__)
+INLINE float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
+#elif defined(__AVX__)
+INLINE float hsum(vf v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#else
+INLINE float hsum(vf v) { float s = 0.f; for (int l = 0; l < LANES; l++) s += v[l]; return s; }
+#endif
+/* Pins v to a register. Without it gcc folds each use of a loaded x vector into an FMA's
+ * memory operand, loading it once per use (NB times): 14 loads per 12 FMAs in a 6 x 2 tile,
+ * more than the two 256-bit loads per cycle a core issues, so the tile ran load-bound. */
+#define IN_REG(v) __asm__("" : "+x"(v))
 /* LANES bytes, zero-extended to int32 lanes. gcc 12 lowers the generic conversion of a vector
  * narrower than 16 bytes one lane at a time, so x86 gets the instruction itself. */
 #if defined(__AVX512F__)
@@ -156,6 +175,7 @@ INLINE void decode_int8(const io_t *io, int64_t m0, int64_t n0, const int NB, co
     int64_t k = 0;
     for (; k + LANES <= K; k += LANES) {
         vf xv = load_f(xr[0] + k);
+        IN_REG(xv);
         for (int r = 0; r < NB; r++) acc[0][r] += xv * int8_to_f(qr[r] + k);
     }
     for (; k < K; k++)   /* K not a multiple of LANES */
@@ -183,6 +203,8 @@ INLINE void decode_int4(const io_t *io, int64_t m0, int64_t n0, const int NB, co
         for (int64_t k = j * group_size; k < (j + 1) * group_size; k += BLOCK_K)
             for (int h = 0; h < BLOCK_K / 2; h += LANES) {
                 vf xe = load_f(xr[0] + k + h), xo = load_f(xr[0] + k + BLOCK_K / 2 + h);
+                IN_REG(xe);
+                IN_REG(xo);
                 for (int r = 0; r < NB; r++) {
                     vf lo, hi;
                     nibbles_to_f(pr[r] + k / 2 + h, &lo, &hi);
@@ -200,46 +222,72 @@ INLINE void decode_int4(const io_t *io, int64_t m0, int64_t n0, const int NB, co
     STORE_TILE(1, NB, m0, n0, NULL)
 }
 
-/* Batched: one MB x NB tile of y over float weight rows w (K floats apart; w[0] is row n0). */
+/* Batched: one MB x NB tile of y over weight rows wr[r] (K apart), each vector of them read by
+ * LOAD(wr[r] + k) and fed to MB rows of x. A macro, not one function with a run-time choice of
+ * load: gcc then allocates registers for each tile on its own (the shared version spilled
+ * accumulators of the 4 x 2 tile to the stack). */
+#define TILE_BODY(MB, NB, LOAD, SCALAR, row_scale)                                         \
+    int64_t K = io->K;                                                                     \
+    vf acc[MB_MAX][NB_MAX];                                                                \
+    for (int i = 0; i < MB; i++)                                                           \
+        for (int r = 0; r < NB; r++) acc[i][r] = splat(0.f);                               \
+    int64_t k = 0;                                                                         \
+    for (; k + LANES <= K; k += LANES) {                                                   \
+        vf wv[NB_MAX];                                                                     \
+        for (int r = 0; r < NB; r++) wv[r] = LOAD(wr[r] + k);                              \
+        for (int i = 0; i < MB; i++) {                                                     \
+            vf xv = load_f(xr[i] + k);                                                     \
+            IN_REG(xv);                                                                    \
+            for (int r = 0; r < NB; r++) acc[i][r] += xv * wv[r];                          \
+        }                                                                                  \
+    }                                                                                      \
+    for (; k < K; k++)                                                                     \
+        for (int i = 0; i < MB; i++)                                                       \
+            for (int r = 0; r < NB; r++) tail[i][r] += xr[i][k] * (SCALAR)wr[r][k];        \
+    ADD_LANES(MB, NB, acc)                                                                 \
+    STORE_TILE(MB, NB, m0, n0, row_scale)
+
+/* ... over float rows w (the int4 scratch; w[0] is row n0). */
 INLINE void tile_f32(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
-                     const float *w, const float *row_scale) {
-    int64_t K = io->K;
+                     const float *w) {
     TILE_ROWS(MB, NB, m0, n0)
     const float *wr[NB_MAX];
-    vf acc[MB_MAX][NB_MAX];
-    for (int r = 0; r < NB; r++) wr[r] = w + (nr[r] - n0) * K;
-    for (int i = 0; i < MB; i++)
-        for (int r = 0; r < NB; r++) acc[i][r] = splat(0.f);
-    int64_t k = 0;
-    for (; k + LANES <= K; k += LANES) {
-        vf wv[NB_MAX];
-        for (int r = 0; r < NB; r++) wv[r] = load_f(wr[r] + k);
-        for (int i = 0; i < MB; i++) {
-            vf xv = load_f(xr[i] + k);
-            for (int r = 0; r < NB; r++) acc[i][r] += xv * wv[r];
-        }
-    }
-    for (; k < K; k++)
-        for (int i = 0; i < MB; i++)
-            for (int r = 0; r < NB; r++) tail[i][r] += xr[i][k] * wr[r][k];
-    ADD_LANES(MB, NB, acc)
-    STORE_TILE(MB, NB, m0, n0, row_scale)
+    for (int r = 0; r < NB; r++) wr[r] = w + (nr[r] - n0) * io->K;
+    TILE_BODY(MB, NB, load_f, float, NULL)
 }
 
-/* Rows [n0, n0 + rows) of the weight as floats, K apart. int8: q itself (the scale multiplies
- * the sums); int4: (q - z) * s in x's block order. */
-static void dequant_rows_int8(const int8_t *q, int64_t K, int64_t n0, int rows, float *w) {
-    for (int r = 0; r < rows; r++) {
-        const int8_t *row = q + (n0 + r) * K;
-        int64_t k = 0;
-        for (; k + LANES <= K; k += LANES) {
-            vf v = int8_to_f(row + k);
-            memcpy(w + r * K + k, &v, sizeof v);
-        }
-        for (; k < K; k++) w[r * K + k] = (float)row[k];
-    }
+/* ... over int8 rows of q converted in registers: each converted vector feeds MB rows of x and
+ * the conversion issues beside the FMAs, so int8 needs no scratch; the scale multiplies the sums. */
+INLINE void tile_int8(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
+                      const int8_t *q, const float *scales) {
+    TILE_ROWS(MB, NB, m0, n0)
+    const int8_t *wr[NB_MAX];
+    for (int r = 0; r < NB; r++) wr[r] = q + nr[r] * io->K;
+    TILE_BODY(MB, NB, int8_to_f, float, scales)
 }
 
+/* One tile of mb (1 .. TILE_MB) rows of x by TILE_NB weight rows, through a switch to constant
+ * tile sizes so the accumulators stay in registers. Not inlined into the OpenMP loop: there gcc
+ * versioned the loop and spilled the accumulators of one of the copies (M = 8 ran 2x slower). */
+#define TILE_SWITCH(TILE, ...)                                                             \
+    switch (mb) {                                                                          \
+    case 1: TILE(io, m0, n0, 1, TILE_NB, __VA_ARGS__); break;                              \
+    case 2: TILE(io, m0, n0, 2, TILE_NB, __VA_ARGS__); break;                              \
+    case 3: TILE(io, m0, n0, 3, TILE_NB, __VA_ARGS__); break;                              \
+    case 4: TILE(io, m0, n0, 4, TILE_NB, __VA_ARGS__); break;                              \
+    case 5: TILE(io, m0, n0, 5, TILE_NB, __VA_ARGS__); break;                              \
+    default: TILE(io, m0, n0, TILE_MB, TILE_NB, __VA_ARGS__); break;                       \
+    }
+static __attribute__((noinline)) void tiles_f32(const io_t *io, int64_t m0, int64_t n0, int mb,
+                                                const float *w) {
+    TILE_SWITCH(tile_f32, w)
+}
+static __attribute__((noinline)) void tiles_int8(const io_t *io, int64_t m0, int64_t n0, int mb,
+                                                 const int8_t *q, const float *scales) {
+    TILE_SWITCH(tile_int8, q, scales)
+}
+
+/* Rows [n0, n0 + rows) of the int4 weight as floats (q - z) * s, K apart, in x's block order. */
 static void dequant_rows_int4(const uint8_t *packed, const float *scales, const float *zeros,
                               int64_t group_size, int64_t K, int64_t n0, int rows, float *w) {
     int64_t groups = K / group_size;
@@ -260,21 +308,22 @@ static void dequant_rows_int4(const uint8_t *packed, const float *scales, const 
         }
 }
 
-/* The batched path: each thread dequantizes N_BLOCK rows into its scratch, then tiles over it;
- * the last M % TILE_MB rows of x take narrower tiles. Returns -1 when a scratch cannot be had. */
-#define BATCHED(DEQUANT, row_scale)                                                        \
+/* The batched path over blocks of N_BLOCK weight rows; with SCRATCH (int4) each thread first
+ * dequantizes the block into its scratch w and tiles over it; int8 (q) tiles the packed rows.
+ * The last M % TILE_MB rows of x take narrower tiles. Returns -1 when a scratch cannot be had. */
+#define BATCHED(SCRATCH, DEQUANT, TILES, ...)                                            \
     int failed = 0;                                                                        \
     int64_t blocks = (io.N + N_BLOCK - 1) / N_BLOCK;                                       \
     _Pragma("omp parallel if (io.N * io.K * io.M > 65536)")                                \
     {                                                                                      \
-        float *w = malloc((size_t)(N_BLOCK * io.K) * sizeof(float));                       \
-        if (!w) {                                                                          \
+        float *w = SCRATCH ? malloc((size_t)(N_BLOCK * io.K) * sizeof(float)) : NULL;      \
+        if (SCRATCH && !w) {                                                               \
             _Pragma("omp atomic write")                                                    \
             failed = 1;                                                                    \
         }                                                                                  \
         _Pragma("omp for schedule(static)")                                                \
         for (int64_t b = 0; b < blocks; b++) {                                             \
-            if (!w) continue;                                                              \
+            if (SCRATCH && !w) continue;                                                   \
             int64_t n0 = b * N_BLOCK, m0 = 0;                                              \
             int rows = io.N - n0 < N_BLOCK ? (int)(io.N - n0) : N_BLOCK;                   \
             DEQUANT;                                                                       \
@@ -283,15 +332,9 @@ static void dequant_rows_int4(const uint8_t *packed, const float *scales, const 
             for (int64_t t = 0; t < tiles; t++) {                                          \
                 int mb = (int)(io.M / tiles + (t < io.M % tiles));                         \
                 for (int64_t n = n0; n < n0 + rows; n += TILE_NB) {                        \
-                    const float *wn = w + (n - n0) * io.K;                                 \
-                    switch (mb) {   /* constant tile sizes: accumulators in registers */   \
-                    case 1: tile_f32(&io, m0, n, 1, TILE_NB, wn, row_scale); break;        \
-                    case 2: tile_f32(&io, m0, n, 2, TILE_NB, wn, row_scale); break;        \
-                    case 3: tile_f32(&io, m0, n, 3, TILE_NB, wn, row_scale); break;        \
-                    case 4: tile_f32(&io, m0, n, 4, TILE_NB, wn, row_scale); break;        \
-                    case 5: tile_f32(&io, m0, n, 5, TILE_NB, wn, row_scale); break;        \
-                    default: tile_f32(&io, m0, n, TILE_MB, TILE_NB, wn, row_scale); break; \
-                    }                                                                      \
+                    const float *wn = SCRATCH ? w + (n - n0) * io.K : NULL;                \
+                    (void)wn;                                                              \
+                    TILES(&io, m0, n, mb, __VA_ARGS__);                                    \
                 }                                                                          \
                 m0 += mb;                                                                  \
             }                                                                              \
@@ -317,13 +360,13 @@ int lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q,
         DECODE(decode_int8, 8, q, scales)
         return 0;
     }
-    BATCHED(dequant_rows_int8(q, io.K, n0, rows, w), scales)
+    BATCHED(0, (void)rows, tiles_int8, q, scales)
 }
 
 static int lk_int4_batched(const io_t *iop, const uint8_t *packed, const float *scales,
                            const float *zeros, int64_t group_size) {
     io_t io = *iop;
-    BATCHED(dequant_rows_int4(packed, scales, zeros, group_size, io.K, n0, rows, w), NULL)
+    BATCHED(1, dequant_rows_int4(packed, scales, zeros, group_size, io.K, n0, rows, w), tiles_f32, wn)
 }
 
 /* y = x @ W'^T (+ bias) for int4 W'. Returns 0, or -1 when a scratch cannot be allocated. */
