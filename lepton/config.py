@@ -22,7 +22,9 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-QUANTIZATION_METHODS = ("int8", "int4")
+# int8 / int4 quantize a float checkpoint at load; gptq / awq name the method of an already
+# quantized checkpoint (None detects it from config.json).
+QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq")
 
 
 def check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:

@@ -74,6 +74,8 @@ def describe() -> str:
         orders = ";  ".join(f"{device}: {' > '.join(order)}" for device, order in selection_order(name).items())
         lines.append(f"{name.ljust(widths[0])}  {orders}")
     from .ext import ext_summary  # the package imports describe before ext
+    from .ops.quant_matmul import format_report
 
+    lines.extend(format_report())
     lines.append(ext_summary())
     return "\n".join(lines).rstrip() + "\n"

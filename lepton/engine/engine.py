@@ -41,6 +41,7 @@ from lepton.engine.tasks import Batch, TaskRunner
 from lepton.model_executor import setup
 from lepton.model_executor.executor import InProcessExecutor
 from lepton.model_executor.loader import read_config, resolve_model_path
+from lepton.model_executor.quantized_checkpoints import describe_quantization
 from lepton.outputs import RequestOutput
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 from lepton.tokenizer import load_tokenizer
@@ -73,6 +74,9 @@ class Engine:
         self.dtype = setup.resolve_model_dtype(cfg, self.hf_config)
         self.executor = InProcessExecutor(cfg, self.model_path, self.hf_config, self.dtype)
         model = self.executor.model
+        logger.info("model %s: %s on %s, quantization: %s", self.hf_config["architectures"][0],
+                    str(self.dtype).removeprefix("torch."), self.device,
+                    describe_quantization(self.hf_config, cfg.quantization))
         self.tokenizer = load_tokenizer(self.model_path)
         self.vocab_size = int(getattr(model, "vocab_size", None) or self.hf_config["vocab_size"])
         self.max_model_len = setup.resolve_max_model_len(cfg, self.hf_config, model, self.model_path)

@@ -9,6 +9,8 @@ on every later request. Only the fields lepton reads are checked, each where pre
                             vocab_size: an integer in [1, 2**31)
                             positive numbers: rms_norm_eps, layer_norm_eps, layer_norm_epsilon, rope_theta
                             eos_token_id, bos_token_id: a token id (integer >= 0) or a list of them
+                            quantization_config: a GPTQ / AWQ variant lepton repacks
+                            (quantized_checkpoints/config.py)
     generation_config.json  temperature >= 0, 0 < top_p <= 1, top_k >= 0 (integer), 0 <= min_p <= 1,
                             repetition_penalty > 0, max_new_tokens >= 1, eos_token_id as above
 JSON booleans are not numbers here (true would otherwise pass as 1).
@@ -19,6 +21,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+
+from lepton.model_executor.quantized_checkpoints import read_quant_spec
 
 POSITIVE_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                  "intermediate_size", "max_position_embeddings", "head_dim", "type_vocab_size",
@@ -63,6 +67,10 @@ def check_config(file: Path, config: dict) -> None:
         if value is not None and not (_is_number(value) and value > 0):
             raise _fail(file, field, value, "a positive number")
     _check_token_ids(file, config)
+    try:
+        read_quant_spec(config)
+    except ValueError as err:
+        raise ValueError(f"{file}: {err}") from None
 
 
 GENERATION_RANGES = {   # field -> (check, what it must be)

@@ -184,10 +184,15 @@ def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.de
     cls = models.get_model_class(hf_config["architectures"][0])
     files = safetensors_files(path)   # before the model is built: a folder without weights fails fast
     model = cls.from_config(hf_config, dtype, device)
+    # A GPTQ / AWQ checkpoint's layers are repacked as its tensors stream in; quantization then
+    # comes back None, as nothing is left to quantize (quantized_checkpoints/loading.py).
+    from lepton.model_executor.quantized_checkpoints.loading import checkpoint_repacker
+    repack, quantization = checkpoint_repacker(model, hf_config, quantization)
     plan = quantization_plan(model, quantization) if quantization is not None else []
     # Tensors arrive in the checkpoint's dtype; load_weights copies each into its parameter, and
     # copy_ casts on the way: one read and one write per weight (casting first doubles the load time).
     weights = checkpoint_weights(files, device)
+    weights = repack(weights)
     if plan:
         weights = quantize_as_loaded(model, weights, plan)
     model.load_weights(weights)

@@ -130,10 +130,25 @@ def _quantized(bits: int, group_size: int | None, n: int, k: int):
     return quantize(randn(n, k, dtype=torch.float32), bits, group_size)
 
 
+@functools.lru_cache(maxsize=None)
+def _checkpoint_format(bits: int, group_size: int, n: int, k: int):
+    """GPTQ's formats: int8 in groups with zero points (from the per-channel weight, its scale
+    repeated per group), or one int4 group per row (group_size == k)."""
+    import torch
+    qw = _quantized(bits, None if bits == 8 else 128, n, k)
+    groups = k // group_size
+    scales = (qw.scales[:, None] if bits == 8 else qw.scales[:, :1]).expand(n, groups).contiguous()
+    zeros = (torch.full((n, groups), 3, dtype=torch.int8) if bits == 8
+             else qw.zeros[:, :1].expand(n, groups).contiguous())
+    return dataclasses.replace(qw, scales=scales, zeros=zeros, group_size=group_size, prepared={})
+
+
 def _quant(bits: int, m: int, bias: bool = False, group_size: int | None = None,
-           n: int = 4096, k: int = 4096):
+           n: int = 4096, k: int = 4096, checkpoint: bool = False):
     def call(dtype):
-        qw = dataclasses.replace(_quantized(bits, group_size, n, k), dtype=dtype)
+        qw = (_checkpoint_format(bits, group_size, n, k) if checkpoint
+              else _quantized(bits, group_size, n, k))
+        qw = dataclasses.replace(qw, dtype=dtype)
         x = randn(m, k, dtype=dtype)
         _tk("quant_matmul").quant_matmul(x, qw, randn(n, dtype=dtype) if bias else None)
     return call
@@ -164,6 +179,12 @@ def _quant_cases() -> list[Case]:
                     _quant(4, 1, True, 128, n=28672, k=512), (GEMV,)))
     out.append(Case("quant_matmul", "quant_matmul_int8_m256_n64",
                     _quant(8, 256, False, None, n=64), (TILED,)))
+    # Checkpoint formats (GPTQ): grouped int8 with zero points, one int4 group per row.
+    for m in (1, 64):
+        out.append(Case("quant_matmul", f"quant_matmul_int8g128_zeros_m{m}",
+                        _quant(8, m, False, 128, checkpoint=True), (GEMV if m == 1 else TILED,)))
+    out.append(Case("quant_matmul", "quant_matmul_int4_row_group_m1",
+                    _quant(4, 1, False, 4096, checkpoint=True), (GEMV,)))
     return out
 
 

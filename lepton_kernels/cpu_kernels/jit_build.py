@@ -59,7 +59,9 @@ def load(source: str) -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"no C compiler ({os.environ.get('CC', 'cc')}) on PATH to build {source}"
     src = HERE / source
     command = _command(compiler)
-    key = hashlib.sha256(src.read_bytes() + " ".join(command).encode() + _cpu_flags().encode())
+    # The headers beside it are part of the build (the sources are one translation unit).
+    headers = b"".join(h.read_bytes() for h in sorted(HERE.glob("*.h")))
+    key = hashlib.sha256(src.read_bytes() + headers + " ".join(command).encode() + _cpu_flags().encode())
     target = cache_dir() / "cpu_kernels" / f"{src.stem}-{key.hexdigest()[:16]}.so"
     if not target.is_file():
         why = _compile(command, src, target)

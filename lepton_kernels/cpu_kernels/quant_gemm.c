@@ -33,99 +33,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* LANES floats per vector, the widest the target has; each tile keeps MB * NB accumulators plus
- * NB dequantized weight vectors and one x vector in registers, so its size follows the register
- * file: 32 vector registers on AVX-512 (4 x 4 tiles), 16 on AVX2 and SSE (6 x 2: twelve
- * accumulators; each weight vector, converted once, feeds six rows of x, which pays for the
- * conversion). Decode tiles are 1 x 8 everywhere: eight independent FMA chains. */
-#if defined(__AVX512F__)
-#define LANES 16
-#define TILE_MB 4
-#define TILE_NB 4
-#define DECODE_NB4 8   /* int4 decode tile: two accumulators per row (group, total) */
-#elif defined(__AVX__)
-#define LANES 8
-#define TILE_MB 6
-#define TILE_NB 2
-#define DECODE_NB4 4
-#else
-#define LANES 4
-#define TILE_MB 6
-#define TILE_NB 2
-#define DECODE_NB4 4
-#endif
-#define N_BLOCK 8    /* output rows per thread work item */
-#define BLOCK_K 32   /* int4: inputs per block of 16 packed bytes */
-/* Tile arrays are sized for the largest tile (a variable size would make them VLAs, kept on
- * the stack); inlined with constant MB and NB, the unused entries vanish. */
-#define MB_MAX 6
-#define NB_MAX 8
-
-/* GCC/Clang vector extensions, lowered to AVX-512, AVX2, SSE or NEON, whatever -march gives. */
-typedef float vf __attribute__((vector_size(4 * LANES)));
-typedef uint8_t vu8 __attribute__((vector_size(LANES)));
-typedef int32_t vi32 __attribute__((vector_size(4 * LANES)));
-
-#define INLINE static inline __attribute__((always_inline))
-
-INLINE vf load_f(const float *p) { vf v; memcpy(&v, p, sizeof v); return v; }
-INLINE vf splat(float s) { return (vf){0} + s; }
-#if defined(__AVX512F__) || defined(__AVX2__) || defined(__AVX__)
-#include <immintrin.h>
-#endif
-/* The lanes' sum as a tree of adds: a lane-by-lane loop is a serial chain of LANES adds and
- * shuffles, which gcc may not reorder; per 6 x 2 tile it cost as much as a third of its FMAs. */
-#if defined(__AVX512F__)
-INLINE float hsum(vf v) { return _mm512_reduce_add_ps((__m512)v); }
-#elif defined(__AVX__)
-INLINE float hsum(vf v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
-}
-#else
-INLINE float hsum(vf v) { float s = 0.f; for (int l = 0; l < LANES; l++) s += v[l]; return s; }
-#endif
-/* Pins v to a register. Without it gcc folds each use of a loaded x vector into an FMA's
- * memory operand, loading it once per use (NB times): 14 loads per 12 FMAs in a 6 x 2 tile,
- * more than the two 256-bit loads per cycle a core issues, so the tile ran load-bound. */
-#define IN_REG(v) __asm__("" : "+x"(v))
-/* LANES bytes, zero-extended to int32 lanes. gcc 12 lowers the generic conversion of a vector
- * narrower than 16 bytes one lane at a time, so x86 gets the instruction itself. */
-#if defined(__AVX512F__)
-INLINE vi32 widen_u8(const uint8_t *p) { return (vi32)_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)p)); }
-#elif defined(__AVX2__)
-INLINE vi32 widen_u8(const uint8_t *p) { return (vi32)_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)p)); }
-#else
-INLINE vi32 widen_u8(const uint8_t *p) {
-    vu8 v;
-    memcpy(&v, p, sizeof v);
-    return __builtin_convertvector(v, vi32);
-}
-#endif
-/* LANES packed bytes -> their low and high nibbles as floats (the shift on int32 lanes: x86 has
- * no byte shift). */
-INLINE void nibbles_to_f(const uint8_t *p, vf *lo, vf *hi) {
-    vi32 wide = widen_u8(p);
-    *lo = __builtin_convertvector(wide & 15, vf);
-    *hi = __builtin_convertvector(wide >> 4, vf);
-}
-/* LANES int8 -> float (gcc 12 lowers the generic sign extension one lane at a time). */
-#if defined(__AVX512F__)
-INLINE vf int8_to_f(const int8_t *p) {
-    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-}
-#elif defined(__AVX2__)
-INLINE vf int8_to_f(const int8_t *p) {
-    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
-}
-#else
-/* Portable: the bytes widened unsigned, then 256 taken off the negative ones (exact). */
-INLINE vf int8_to_f(const int8_t *p) {
-    vi32 u = widen_u8((const uint8_t *)p);
-    return __builtin_convertvector(u - ((u >> 7) << 8), vf);
-}
-#endif
+#include "quant_simd.h"
 
 typedef struct {
     const float *x; int64_t ldx;       /* x rows, ldx floats apart */
@@ -184,38 +92,64 @@ INLINE void decode_int8(const io_t *io, int64_t m0, int64_t n0, const int NB, co
     STORE_TILE(1, NB, m0, n0, scales)
 }
 
-/* Decode: one 1 x NB tile of y for int4 weights (K a multiple of group_size, itself of
- * BLOCK_K); x in block order, xsum[j] = the sum of x's row over group j. */
-INLINE void decode_int4(const io_t *io, int64_t m0, int64_t n0, const int NB, const uint8_t *packed,
-                        const float *scales, const float *zeros, int64_t group_size,
-                        const float *xsum) {
-    int64_t K = io->K, groups = K / group_size;
+/* The weight as the kernels read it: q int8 [N, K], or int4's packed bytes [N, K / 2]; scales
+ * and zeros (float32, or NULL: symmetric) [N, K / group_size]; int8 per channel: group_size K. */
+typedef struct {
+    const void *q;
+    const float *scales, *zeros;
+    int64_t group_size;
+} qweight_t;
+
+/* Decode: one 1 x NB tile of y in groups (int8 grouped or with zeros, int4): sums x q per group
+ * and folds each group in with its scale and zero, sum_j s_j (sum_{k in j} x_k q_k - z_j xsum_j),
+ * xsum[j] = the sum of x's row over group j (NULL without zeros). int4: x in block order, K a
+ * multiple of the group size, itself of BLOCK_K; int8: any group size (a scalar tail). */
+INLINE void decode_groups(const io_t *io, int64_t m0, int64_t n0, const int NB, const int BITS,
+                          const qweight_t *qw, const float *xsum) {
+    int64_t K = io->K, gs = qw->group_size, groups = K / gs;
     TILE_ROWS(1, NB, m0, n0)
+    const int8_t *qr[NB_MAX];
     const uint8_t *pr[NB_MAX];
-    for (int r = 0; r < NB; r++) pr[r] = packed + nr[r] * (K / 2);
-    const float *xs = xsum + (m0 < io->M ? m0 : 0) * groups;
+    for (int r = 0; r < NB; r++) {
+        qr[r] = (const int8_t *)qw->q + nr[r] * K;
+        pr[r] = (const uint8_t *)qw->q + nr[r] * (K / 2);
+    }
+    const float *xs = xsum ? xsum + (m0 < io->M ? m0 : 0) * groups : NULL;
     vf acc[MB_MAX][NB_MAX];
     for (int r = 0; r < NB; r++) acc[0][r] = splat(0.f);
     for (int64_t j = 0; j < groups; j++) {
-        /* sum x q over the group, one chain per row: two (evens, odds) would spill on AVX2 */
+        /* one chain per row: two (int4's evens and odds) would spill on AVX2 */
         vf part[NB_MAX];
+        float part_tail[NB_MAX] = {0};
         for (int r = 0; r < NB; r++) part[r] = splat(0.f);
-        for (int64_t k = j * group_size; k < (j + 1) * group_size; k += BLOCK_K)
-            for (int h = 0; h < BLOCK_K / 2; h += LANES) {
-                vf xe = load_f(xr[0] + k + h), xo = load_f(xr[0] + k + BLOCK_K / 2 + h);
-                IN_REG(xe);
-                IN_REG(xo);
-                for (int r = 0; r < NB; r++) {
-                    vf lo, hi;
-                    nibbles_to_f(pr[r] + k / 2 + h, &lo, &hi);
-                    part[r] += xe * lo;
-                    part[r] += xo * hi;
+        int64_t k = j * gs, end = (j + 1) * gs;
+        if (BITS == 4) {
+            for (; k < end; k += BLOCK_K)
+                for (int h = 0; h < BLOCK_K / 2; h += LANES) {
+                    vf xe = load_f(xr[0] + k + h), xo = load_f(xr[0] + k + BLOCK_K / 2 + h);
+                    IN_REG(xe);
+                    IN_REG(xo);
+                    for (int r = 0; r < NB; r++) {
+                        vf lo, hi;
+                        nibbles_to_f(pr[r] + k / 2 + h, &lo, &hi);
+                        part[r] += xe * lo;
+                        part[r] += xo * hi;
+                    }
                 }
+        } else {
+            for (; k + LANES <= end; k += LANES) {
+                vf xv = load_f(xr[0] + k);
+                IN_REG(xv);
+                for (int r = 0; r < NB; r++) part[r] += xv * int8_to_f(qr[r] + k);
             }
+            for (; k < end; k++)
+                for (int r = 0; r < NB; r++) part_tail[r] += xr[0][k] * (float)qr[r][k];
+        }
         for (int r = 0; r < NB; r++) {   /* lanes fold into acc; the zero term is a scalar */
-            float s = scales[nr[r] * groups + j], z = zeros[nr[r] * groups + j];
-            acc[0][r] += part[r] * s;
-            tail[0][r] -= s * z * xs[j];
+            float sc = qw->scales[nr[r] * groups + j];
+            acc[0][r] += part[r] * sc;
+            tail[0][r] += sc * part_tail[r];
+            if (xs) tail[0][r] -= sc * qw->zeros[nr[r] * groups + j] * xs[j];
         }
     }
     ADD_LANES(1, NB, acc)
@@ -287,26 +221,48 @@ static __attribute__((noinline)) void tiles_int8(const io_t *io, int64_t m0, int
     TILE_SWITCH(tile_int8, q, scales)
 }
 
-/* Rows [n0, n0 + rows) of the int4 weight as floats (q - z) * s, K apart, in x's block order. */
-static void dequant_rows_int4(const uint8_t *packed, const float *scales, const float *zeros,
-                              int64_t group_size, int64_t K, int64_t n0, int rows, float *w) {
-    int64_t groups = K / group_size;
+/* Weight rows n0 .. n0 + rows as floats (q - z) * s, K apart (dequant_rows_fn of quant_outer.h).
+ * int8: natural column order; int4: x's block order (evens, then odds, of each BLOCK_K). */
+static void dequant_rows_int8(const void *p, int64_t K, int64_t n0, int rows, float *w) {
+    const qweight_t *qw = p;
+    int64_t gs = qw->group_size, groups = K / gs;
+    for (int r = 0; r < rows; r++) {
+        const int8_t *row = (const int8_t *)qw->q + (n0 + r) * K;
+        float *out = w + r * K;
+        for (int64_t j = 0; j < groups; j++) {
+            float sc = qw->scales[(n0 + r) * groups + j];
+            float z = qw->zeros ? qw->zeros[(n0 + r) * groups + j] : 0.f;
+            int64_t k = j * gs;
+            for (; k + LANES <= (j + 1) * gs; k += LANES) {
+                vf v = (int8_to_f(row + k) - z) * sc;
+                memcpy(out + k, &v, sizeof v);
+            }
+            for (; k < (j + 1) * gs; k++) out[k] = ((float)row[k] - z) * sc;
+        }
+    }
+}
+
+static void dequant_rows_int4(const void *p, int64_t K, int64_t n0, int rows, float *w) {
+    const qweight_t *qw = p;
+    int64_t gs = qw->group_size, groups = K / gs;
     for (int r = 0; r < rows; r++)
         for (int64_t k = 0; k < K; k += BLOCK_K) {
-            const uint8_t *b = packed + (n0 + r) * (K / 2) + k / 2;
-            float s = scales[(n0 + r) * groups + k / group_size];
-            float z = zeros[(n0 + r) * groups + k / group_size];
+            const uint8_t *b = (const uint8_t *)qw->q + (n0 + r) * (K / 2) + k / 2;
+            float sc = qw->scales[(n0 + r) * groups + k / gs];
+            float z = qw->zeros[(n0 + r) * groups + k / gs];
             float *out = w + r * K + k;
             for (int h = 0; h < BLOCK_K / 2; h += LANES) {
                 vf lo, hi;
                 nibbles_to_f(b + h, &lo, &hi);
-                lo = (lo - z) * s;
-                hi = (hi - z) * s;
+                lo = (lo - z) * sc;
+                hi = (hi - z) * sc;
                 memcpy(out + h, &lo, sizeof lo);
                 memcpy(out + BLOCK_K / 2 + h, &hi, sizeof hi);
             }
         }
 }
+
+#include "quant_outer.h"
 
 /* The batched path over blocks of N_BLOCK weight rows; with SCRATCH (int4) each thread first
  * dequantizes the block into its scratch w and tiles over it; int8 (q) tiles the packed rows.
@@ -352,27 +308,56 @@ static void dequant_rows_int4(const uint8_t *packed, const float *scales, const 
             for (int64_t n = b * N_BLOCK; n < (b + 1) * N_BLOCK && n < io.N; n += NB)      \
                 TILE(&io, m, n, NB, __VA_ARGS__);
 
-/* y = x @ W'^T (+ bias) for int8 W'. Returns 0, or -1 when a scratch cannot be allocated. */
-int lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q,
-                       const float *scales, const float *bias, float *y, int64_t N) {
+static int int4_batched(const io_t *iop, const qweight_t *qw) {
+    io_t io = *iop;
+    BATCHED(1, dequant_rows_int4(qw, io.K, n0, rows, w), tiles_f32, wn)
+}
+
+/* Per-group sums of x's rows, xsum[m, j] = sum_{k in group j} x[m, k] (decode's zero terms). */
+static void group_sums(const float *x, int64_t M, int64_t K, int64_t gs, float *xsum) {
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t j = 0; j < K / gs; j++) {
+            float s = 0.f;
+            for (int64_t k = j * gs; k < (j + 1) * gs; k++) s += x[m * K + k];
+            xsum[m * (K / gs) + j] = s;
+        }
+}
+
+/* y = x @ W'^T (+ bias) for int8 W' = (q - z) * s in groups of group_size (K: per channel;
+ * zeros NULL: symmetric). Returns 0, or -1 when a scratch cannot be allocated. */
+int lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q, const float *scales,
+                       const float *zeros, int64_t group_size, const float *bias, float *y, int64_t N) {
     io_t io = {x, K, y, N, bias, M, N, K};
-    if (M < TILE_MB) {
+    qweight_t qw = {q, scales, zeros, group_size};
+    /* per channel and symmetric: the scale multiplies each row's sum once */
+    int plain = zeros == NULL && group_size == K;
+    if (M >= XT_ROWS)
+        return gemm_outer(x, M, K, N, bias, y, &qw, dequant_rows_int8, 0);
+    if (M < TILE_MB && plain) {
         DECODE(decode_int8, 8, q, scales)
         return 0;
     }
-    BATCHED(0, (void)rows, tiles_int8, q, scales)
-}
-
-static int lk_int4_batched(const io_t *iop, const uint8_t *packed, const float *scales,
-                           const float *zeros, int64_t group_size) {
-    io_t io = *iop;
-    BATCHED(1, dequant_rows_int4(packed, scales, zeros, group_size, io.K, n0, rows, w), tiles_f32, wn)
+    if (M < TILE_MB) {
+        float *xsum = zeros ? malloc((size_t)(M * (K / group_size)) * sizeof(float)) : NULL;
+        if (zeros && !xsum) return -1;
+        if (zeros) group_sums(x, M, K, group_size, xsum);
+        DECODE(decode_groups, DECODE_NB4, 8, &qw, xsum)
+        free(xsum);
+        return 0;
+    }
+    if (plain) {
+        BATCHED(0, (void)rows, tiles_int8, q, scales)
+    }
+    BATCHED(1, dequant_rows_int8(&qw, io.K, n0, rows, w), tiles_f32, wn)
 }
 
 /* y = x @ W'^T (+ bias) for int4 W'. Returns 0, or -1 when a scratch cannot be allocated. */
 int lk_quant_gemm_int4(const float *x, int64_t M, int64_t K, const uint8_t *packed,
                        const float *scales, const float *zeros, int64_t group_size,
                        const float *bias, float *y, int64_t N) {
+    qweight_t qw = {packed, scales, zeros, group_size};
+    if (M >= XT_ROWS)
+        return gemm_outer(x, M, K, N, bias, y, &qw, dequant_rows_int4, 1);
     int64_t groups = K / group_size;
     /* x with columns in block order, then (decode) its per-group sums */
     float *xb = malloc((size_t)(M * K + M * groups) * sizeof(float)), *xsum = xb + M * K;
@@ -386,26 +371,22 @@ int lk_quant_gemm_int4(const float *x, int64_t M, int64_t K, const uint8_t *pack
     io_t io = {xb, K, y, N, bias, M, N, K};
     int status = 0;
     if (M < TILE_MB) {
-        for (int64_t m = 0; m < M; m++)
-            for (int64_t j = 0; j < groups; j++) {
-                float s = 0.f;
-                for (int64_t k = j * group_size; k < (j + 1) * group_size; k++) s += x[m * K + k];
-                xsum[m * groups + j] = s;
-            }
-        DECODE(decode_int4, DECODE_NB4, packed, scales, zeros, group_size, xsum)
+        group_sums(x, M, K, group_size, xsum);
+        DECODE(decode_groups, DECODE_NB4, 4, &qw, xsum)
     } else {
-        status = lk_int4_batched(&io, packed, scales, zeros, group_size);
+        status = int4_batched(&io, &qw);
     }
     free(xb);
     return status;
 }
 
-/* Dequantized weight, for large M where a float32 GEMM on it beats the tile loop above.
- * int8: w[N, K] in the natural column order. */
-void lk_dequantize_int8(const int8_t *q, const float *scales, int64_t N, int64_t K, float *w) {
+/* The dequantized weight w[N, K] in the natural column order, for the largest M, where a float32
+ * GEMM on it beats the tiles above. */
+void lk_dequantize_int8(const int8_t *q, const float *scales, const float *zeros, int64_t group_size,
+                        int64_t N, int64_t K, float *w) {
+    qweight_t qw = {q, scales, zeros, group_size};
     #pragma omp parallel for schedule(static) if (N * K > 65536)
-    for (int64_t n = 0; n < N; n++)
-        for (int64_t k = 0; k < K; k++) w[n * K + k] = (float)q[n * K + k] * scales[n];
+    for (int64_t n = 0; n < N; n++) dequant_rows_int8(&qw, K, n, 1, w + n * K);
 }
 
 /* int4: w[N, K] in the natural column order (byte b of a row: columns 2b and 2b + 1). */

@@ -51,9 +51,9 @@ DEQUANT_ROWS = 64
 SOURCE = "quant_gemm.c"
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {
-    "lk_quant_gemm_int8": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64],   # -> int
+    "lk_quant_gemm_int8": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64],   # -> int
     "lk_quant_gemm_int4": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _I64, _PTR, _PTR, _I64],   # -> int
-    "lk_dequantize_int8": [_PTR, _PTR, _I64, _I64, _PTR],
+    "lk_dequantize_int8": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR],
     "lk_dequantize_int4": [_PTR, _PTR, _PTR, _I64, _I64, _I64, _PTR],
 }
 
@@ -77,10 +77,8 @@ def available() -> str | None:
 def supports(x, qw, bias=None) -> bool | str:
     if isinstance(x, torch.Tensor) and x.requires_grad and torch.is_grad_enabled():
         return "x requires grad and the cpu kernel has no backward"
-    if getattr(qw, "perm", None) is not None:
-        return "the cpu kernel does not take an input permutation (act-order) yet"
-    if getattr(qw, "bits", None) == 8 and (qw.group_size is not None or qw.zeros is not None):
-        return "the cpu kernel reads int8 per output channel, symmetric, only"
+    if getattr(qw, "group_size", None) is not None and qw.bits == 4 and qw.group_size % 32:
+        return "int4 groups must be whole blocks of 32 inputs for the cpu kernel"
     return True
 
 
@@ -89,8 +87,10 @@ class CpuLayout:
     """What the kernels read: contiguous CPU tensors (views of qw's own where possible)."""
 
     weight: torch.Tensor          # int8 [N, K], or uint8 [N, K/2]: the int4 words as bytes
-    scales: torch.Tensor          # float32 [N] or [N, K/group_size]
-    zeros: torch.Tensor | None    # None, or float32 [N, K/group_size]
+    scales: torch.Tensor          # float32 [N, K/group_size] ([N] for int8 per channel)
+    zeros: torch.Tensor | None    # None (symmetric int8), or float32 shaped like scales
+    group_size: int               # K for int8 per channel
+    perm: torch.Tensor | None     # act-order: x's columns are gathered by it first
 
 
 def prepare(qw) -> CpuLayout:
@@ -102,9 +102,10 @@ def prepare(qw) -> CpuLayout:
         raise ValueError(f"qw is on {qw.qweight.device}; the cpu layout needs a CPU weight")
     weight = qw.qweight.contiguous()
     if qw.bits == 4:
-        layout = CpuLayout(weight.view(torch.uint8), qw.scales.contiguous(), qw.zeros.float().contiguous())
-    else:
-        layout = CpuLayout(weight, qw.scales.contiguous(), None)
+        weight = weight.view(torch.uint8)
+    zeros = None if qw.zeros is None else qw.zeros.float().contiguous()
+    group = qw.shape[1] if qw.group_size is None else qw.group_size
+    layout = CpuLayout(weight, qw.scales.contiguous(), zeros, group, getattr(qw, "perm", None))
     qw.prepared["cpu"] = layout
     return layout
 
@@ -121,24 +122,27 @@ def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch
         raise RuntimeError(f"quant_matmul cpu kernels unavailable: {why}")
     layout = prepare(qw)
     m, (n, k) = x.shape[0], qw.shape
-    xf = x.to(torch.float32).contiguous()
+    xf = x.to(torch.float32)
+    # act-order: stored weight column k holds input perm[k], so x's columns are gathered to match
+    xf = (xf if layout.perm is None else xf.index_select(1, layout.perm)).contiguous()
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     if m > DEQUANT_ROWS:
         w = torch.empty(n, k, dtype=torch.float32)
         if qw.bits == 8:
-            lib.lk_dequantize_int8(_ptr(layout.weight), _ptr(layout.scales), n, k, _ptr(w))
+            lib.lk_dequantize_int8(_ptr(layout.weight), _ptr(layout.scales), _ptr(layout.zeros),
+                                   layout.group_size, n, k, _ptr(w))
         else:
             lib.lk_dequantize_int4(_ptr(layout.weight), _ptr(layout.scales), _ptr(layout.zeros),
-                                   qw.group_size, n, k, _ptr(w))
+                                   layout.group_size, n, k, _ptr(w))
         y = F.linear(xf, w, bf)
     else:
         y = torch.empty(m, n, dtype=torch.float32)
         if qw.bits == 8:
             failed = lib.lk_quant_gemm_int8(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
-                                            _ptr(bf), _ptr(y), n)
+                                            _ptr(layout.zeros), layout.group_size, _ptr(bf), _ptr(y), n)
         else:
             failed = lib.lk_quant_gemm_int4(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
-                                            _ptr(layout.zeros), qw.group_size, _ptr(bf), _ptr(y), n)
+                                            _ptr(layout.zeros), layout.group_size, _ptr(bf), _ptr(y), n)
         if failed:
             raise MemoryError(f"quant_matmul: no memory for the float32 scratch of a {m}x{k} x {n}x{k} matmul")
     return y if x.dtype == torch.float32 else y.to(x.dtype)

@@ -2,11 +2,16 @@
 
     y[M, N] = x[M, K] @ dequantize(qw).T (+ bias[N])
 
-x has the weight's original dtype (qw.dtype). The eager spec dequantizes and calls F.linear in
-x's dtype; the Triton kernels never materialize the weight: they dequantize tiles in registers
-(exactly as :func:`~lepton_kernels.ops.quantize.dequantize` does, rounded to x's dtype) and
-accumulate in float32 in one tensor-core kernel: M padded to 16 with split-K reduced inside the
-kernel for decode (M <= 16), grouped tiles above.
+x has the weight's original dtype (qw.dtype). With an act-order weight (qw.perm, see
+ops/quantize.py) y[m, n] = sum_k x[m, perm[k]] * W'[n, k]: dequantize already returns the
+weight in input order, and the kernels gather x's columns by perm before the stored-order
+matmul.
+
+The eager spec dequantizes and calls F.linear in x's dtype; the Triton kernels never
+materialize the weight: they dequantize tiles in registers (exactly as
+:func:`~lepton_kernels.ops.quantize.dequantize` does, rounded to x's dtype) and accumulate in
+float32 in one tensor-core kernel: M padded to 16 with split-K reduced inside the kernel for
+decode (M <= 16), grouped tiles above.
 The ``cpu`` implementation (lepton_kernels/cpu_kernels/quant_matmul.py) does the same on CPU
 tensors with a C kernel; its layout lives in ``qw.prepared["cpu"]``, built by
 :func:`prepare_quantized` at load time or on the first call.
@@ -14,6 +19,7 @@ tensors with a C kernel; its layout lives in ``qw.prepared["cpu"]``, built by
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import torch
@@ -22,7 +28,7 @@ import torch.nn.functional as F
 from ..backends import register_triton, triton_available
 from ..checks import check_same, check_same_device, check_tensor, randn
 from ..registry import SampleInput, register_impl, register_op
-from .quantize import check_qweight, dequantize, quantize, sample_weights
+from .quantize import QuantizedWeight, check_qweight, dequantize, quantize, sample_weights
 
 
 def check_args(x: torch.Tensor, qw, bias: torch.Tensor | None) -> None:
@@ -58,7 +64,57 @@ def sample_inputs(device="cpu", dtype=torch.float32) -> list[SampleInput]:
         samples.append(SampleInput(f"M{m}_{name}", (x, qw)))
         bias = randn(w.shape[0], device=device, dtype=dtype, generator=g)
         samples.append(SampleInput(f"M{m}_{name}_bias", (x, qw, bias)))
+    # Checkpoint formats (GPTQ): int8 in groups with zero points, one int4 group per row, both
+    # with an act-order permutation of the inputs.
+    for name, qw in checkpoint_format_weights(device, dtype, g):
+        x = randn(5, qw.shape[1], device=device, dtype=dtype, generator=g)
+        samples.append(SampleInput(f"M5_{name}", (x, qw)))
     return samples
+
+
+def checkpoint_format_weights(device, dtype, g: torch.Generator) -> list[tuple[str, object]]:
+    """Random QuantizedWeights in the formats only checkpoint readers produce."""
+    n, k = 37, 96
+    perm = torch.randperm(k, generator=g).to(device)
+    q8 = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8).to(device)
+    z8 = torch.randint(-128, 128, (n, k // 32), generator=g, dtype=torch.int8).to(device)
+    s8 = (torch.rand(n, k // 32, generator=g) * 1e-3 + 1e-4).to(device)
+    int8 = QuantizedWeight(q8, s8, z8, 8, 32, (n, k), dtype, perm)
+    int4 = quantize(randn(n, k, device=device, dtype=dtype, generator=g, scale=0.1), 4, 32)
+    # Regroup the int4 codes as one group per row: a per-row scale and zero point.
+    int4 = QuantizedWeight(int4.qweight, int4.scales[:, :1].contiguous(),
+                           int4.zeros[:, :1].contiguous(), 4, k, (n, k), dtype, perm)
+    return [("int8_g32_zeros_perm", int8), ("int4_gK_perm", int4)]
+
+
+def format_report() -> list[str]:
+    """Lines for ``lepton kernels``: each quantization method's weight format and the
+    implementations that read it, as each one's own ``supports`` check answers on a sample
+    (whether they are usable on this machine is the table above)."""
+    g = torch.Generator().manual_seed(0)
+    w = randn(8, 96, device="cpu", dtype=torch.float32, generator=g)
+    int8_groups, row_group = (qw for _, qw in checkpoint_format_weights("cpu", torch.float32, g))
+    formats = [
+        ("int8 per output channel (quantization='int8')", quantize(w, 8)),
+        ("int4 groups of 32/64/128 (quantization='int4', awq, gptq 4-bit)", quantize(w, 4, 32)),
+        ("int8 groups + zero points (gptq 8-bit)", dataclasses.replace(int8_groups, perm=None)),
+        ("int4 one group per row (gptq group_size -1)", dataclasses.replace(row_group, perm=None)),
+        ("act-order input permutation (gptq desc_act)", row_group),
+    ]
+    lines = ["", "quantized weight formats (quant_matmul): implementations that read them"]
+    width = max(len(label) for label, _ in formats)
+    for label, qw in formats:
+        x = torch.zeros(1, qw.shape[1])
+        readers, why = [], []
+        for impl in quant_matmul.impls:
+            verdict = True if impl.supports is None else impl.supports(x, qw)
+            if verdict is True:
+                readers.append(impl.name)
+            else:
+                why.append(f"{impl.name}: {verdict or 'not supported'}")
+        note = "".join(f"; {reason}" for reason in why)
+        lines.append(f"{label.ljust(width)}  {', '.join(readers + ['eager'])}{note}")
+    return lines
 
 
 @functools.cache

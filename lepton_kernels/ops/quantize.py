@@ -21,6 +21,18 @@ lowest k). The words are two's-complement int32, so a word whose top nibble is >
 a kernel extracts q = (word >> 4s) & 15 with an arithmetic shift, which that mask makes correct.
 Rows stay N-major like nn.Linear's weight, so a tile of a kernel reads contiguous bytes along K.
 
+Formats of checkpoints quantized elsewhere (GPTQ, AWQ), repacked at load into this layout;
+``quantize`` never produces them:
+    int8 in groups: group_size g, scales [N, K/g]; zeros None (symmetric) or int8 [N, K/g]:
+        w'[n, k] = (qweight[n, k] - zeros[n, j]) * scales[n, j]          j = k // g
+    (int8 zeros may also come with group_size None: then zeros is [N] like scales.)
+    group_size == K (one group per row, GPTQ's group_size -1), for int4 and int8, K % 32 == 0.
+    perm (GPTQ act-order / desc_act): int64 [K], a permutation of the inputs; the weight is
+    stored with its K columns in that order, W'[n, k] = w[n, perm[k]], so
+        y[m, n] = sum_k x[m, perm[k]] * W'[n, k]
+    and dequantize returns w in the original input order: w[n, perm[k]] = W'[n, k]
+    (kernels gather x's columns by perm instead of scattering the weight).
+
 Scales are float32 whatever the weight's dtype (a bf16 scale would add an error as large as the
 int8 rounding itself). Arithmetic is float32 and dequantize rounds once, to the original dtype:
     dequantize(qw) = ((q - zeros) * scales).to(qw.dtype)
@@ -46,12 +58,14 @@ class QuantizedWeight:
     """A quantized [N, K] weight in the layout described in :mod:`lepton_kernels.ops.quantize`."""
 
     qweight: torch.Tensor          # int8 [N, K] or int32 [N, K/8] (eight int4 along K per word)
-    scales: torch.Tensor           # float32 [N] (int8) or [N, K/group_size] (int4)
-    zeros: torch.Tensor | None     # None (int8) or uint8 [N, K/group_size] zero points in [0, 15]
+    scales: torch.Tensor           # float32 [N] (int8 per channel) or [N, K/group_size]
+    zeros: torch.Tensor | None     # int4: uint8 zero points in [0, 15]; int8: None or int8,
+                                   # both shaped like scales
     bits: int                      # 8 or 4
-    group_size: int | None         # None (int8, per output channel) or 32 / 64 / 128
+    group_size: int | None         # None (int8, per output channel), 32 / 64 / 128, or K
     shape: tuple[int, int]         # (N, K) of the original weight
     dtype: torch.dtype             # the original weight's dtype; dequantize returns it
+    perm: torch.Tensor | None = None   # int64 [K]: stored column k holds input perm[k] (act-order)
     # Layouts an implementation derives from the canonical tensors above, built once (at load or
     # on first use) and keyed by implementation name, e.g. {"cpu": ..., "triton": ...}: each
     # kernel reads the layout it was built for without repacking on every call.
@@ -83,7 +97,7 @@ def _check_args(w: torch.Tensor, bits: int, group_size: int | None) -> int | Non
     return group_size
 
 
-def _pack_int4(q: torch.Tensor) -> torch.Tensor:
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
     """q int [N, K] with values in [0, 15] -> int32 [N, K/8], nibble s of word i = q[:, 8i+s]."""
     shifts = torch.arange(0, 32, 4, device=q.device, dtype=torch.int64)
     words = (q.to(torch.int64).view(q.shape[0], -1, 8) << shifts).sum(dim=-1)
@@ -128,7 +142,7 @@ def quantize(w: torch.Tensor, bits: int = 8, group_size: int | None = None) -> Q
         best[2] = torch.where(better, zeros, best[2])
         best[3] = torch.where(better[..., None], q, best[3])
     _, scales, zeros, q = best
-    return QuantizedWeight(_pack_int4(q.view(n, k)), scales, zeros.to(torch.uint8), 4,
+    return QuantizedWeight(pack_int4(q.view(n, k)), scales, zeros.to(torch.uint8), 4,
                            group_size, (n, k), w.dtype)
 
 
@@ -149,18 +163,23 @@ def check_qweight(name: str, qw) -> None:
     if not isinstance(qw, QuantizedWeight):
         raise ValueError(f"{name} must be a QuantizedWeight (from quantize), got {type(qw).__name__}")
     n, k = qw.shape
+    if qw.bits not in (4, 8):
+        raise ValueError(f"{name}.bits must be 8 or 4, got {qw.bits!r}")
+    group = qw.group_size
+    # group == K: one group per row (GPTQ group_size -1); K % 32 keeps kernel K steps whole.
+    if not (group in INT4_GROUP_SIZES and k % group == 0 or group == k and k % 32 == 0
+            or group is None and qw.bits == 8):
+        raise ValueError(f"{name}.group_size {group!r} is invalid for bits={qw.bits}, K={k}")
+    groups = (n,) if group is None else (n, k // group)
     if qw.bits == 8:
-        expect = {"qweight": ((n, k), torch.int8), "scales": ((n,), torch.float32)}
-        if qw.zeros is not None or qw.group_size is not None:
-            raise ValueError(f"{name}: an int8 weight has zeros=None and group_size=None")
-    elif qw.bits == 4:
-        if qw.group_size not in INT4_GROUP_SIZES or k % qw.group_size:
-            raise ValueError(f"{name}.group_size {qw.group_size!r} is invalid for K={k}")
-        groups = (n, k // qw.group_size)
+        expect = {"qweight": ((n, k), torch.int8), "scales": (groups, torch.float32)}
+        if qw.zeros is not None:
+            expect["zeros"] = (groups, torch.int8)
+    else:
         expect = {"qweight": ((n, k // 8), torch.int32), "scales": (groups, torch.float32),
                   "zeros": (groups, torch.uint8)}
-    else:
-        raise ValueError(f"{name}.bits must be 8 or 4, got {qw.bits!r}")
+    if qw.perm is not None:
+        expect["perm"] = ((k,), torch.int64)
     for field, (shape, dtype) in expect.items():
         t = getattr(qw, field)
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != dtype:
@@ -178,14 +197,21 @@ def _scales(qw) -> torch.Tensor | None:
 
 @register_op(dispatch_tensor=_scales)
 def dequantize(qw: QuantizedWeight) -> torch.Tensor:
-    """QuantizedWeight -> w'[N, K] in the original dtype."""
+    """QuantizedWeight -> w'[N, K] in the original dtype and the original input order."""
     check_qweight("qw", qw)
-    if qw.bits == 8:
-        return (qw.qweight.float() * qw.scales[:, None]).to(qw.dtype)
     n, k = qw.shape
-    q = _unpack_int4(qw.qweight).float().view(n, -1, qw.group_size)
-    w = (q - qw.zeros.float()[..., None]) * qw.scales[..., None]
-    return w.view(n, k).to(qw.dtype)
+    q = (qw.qweight if qw.bits == 8 else _unpack_int4(qw.qweight)).float()
+    if qw.group_size is None:   # int8 per output channel
+        zeros = 0.0 if qw.zeros is None else qw.zeros.float()[:, None]
+        w = (q - zeros) * qw.scales[:, None]
+    else:
+        q = q.view(n, -1, qw.group_size)
+        zeros = 0.0 if qw.zeros is None else qw.zeros.float()[..., None]
+        w = ((q - zeros) * qw.scales[..., None]).view(n, k)
+    if qw.perm is not None:
+        # Stored column k is input perm[k]: scatter the columns back to input order.
+        w = torch.empty_like(w).index_copy_(1, qw.perm, w)
+    return w.to(qw.dtype)
 
 
 def sample_weights(device, dtype) -> list[tuple[str, torch.Tensor, int, int | None]]:

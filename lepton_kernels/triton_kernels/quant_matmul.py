@@ -2,6 +2,9 @@
 
     y[m, n] = sum_k x[m, k] * ((u[n, k] - zero[n, k // g]) * scale[n, k // g]).to(x.dtype)
 
+An act-order weight (qw.perm) is stored with its inputs permuted: x's columns are gathered by
+perm first (one [M, K] copy), then the same kernel runs on the stored order.
+
 Three parts, one file each:
 
 * quant_matmul_repack.py: ``prepare(qw)`` repacks the canonical weight once into the K-major
@@ -56,8 +59,10 @@ def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch
     if m == 0:
         return out
     pw = prepare(qw)
+    if qw.perm is not None:
+        x = x.index_select(1, qw.perm)
     arch, sm_count = _gpu_info(x.device)
-    cfg = pick_config(m, n, qw.bits, qw.group_size, x.dtype, arch, sm_count)
+    cfg = pick_config(m, n, pw.bits, pw.group_size, x.dtype, arch, sm_count)
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split, k_per_split = (split_k_plan(n, k, cfg, sm_count) if m <= DECODE_MAX_M
                           else (1, triton.cdiv(k, cfg.block_k) * cfg.block_k))

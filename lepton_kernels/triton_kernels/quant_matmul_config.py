@@ -20,7 +20,7 @@ DECODE_MAX_M = 16      # up to here one M tile of 16 rows (the tl.dot minimum) a
 class Config:
     block_m: int
     block_n: int
-    block_k: int       # for int4 capped at group_size (one scale per row per K step)
+    block_k: int       # with groups, a divisor of group_size (one scale per row per K step)
     num_warps: int
     num_stages: int
     group_m: int = 8
@@ -47,11 +47,15 @@ FP32_TABLE = ((16, Config(16, 64, 32, 4, 2)),
 
 def pick_config(m: int, n: int, bits: int, group_size: int | None, dtype: torch.dtype,
                 arch: int, sm_count: int) -> Config:
-    """The table row for this M (and arch), BLOCK_K capped by the int4 group, BLOCK_N halved
-    when the N x M tiles of a prefill would leave most SMs idle."""
+    """The table row for this M (and arch), BLOCK_K the largest power of two up to the table's
+    that divides the group (group_size None: per channel, any BLOCK_K), BLOCK_N halved when the
+    N x M tiles of a prefill would leave most SMs idle."""
     rows = FP32_TABLE if dtype == torch.float32 else TENSOR_CORE_TABLE[90 if arch >= 90 else 80]
     cfg = next(c for limit, c in rows if limit is None or m <= limit)
-    block_k = min(cfg.block_k, group_size) if bits == 4 else cfg.block_k
+    block_k = cfg.block_k
+    # Groups are multiples of 32 (a group of K = 96 takes BLOCK_K 32, not the 96 tl.arange refuses).
+    while group_size and group_size % block_k:
+        block_k //= 2
     block_n = cfg.block_n
     if m > DECODE_MAX_M and block_n > 64:
         tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, block_n)

@@ -15,11 +15,12 @@ int32 words, contiguous along N, once, and shifts them into PACK codes each in r
     u[n, k] = (words[k // PACK, n] >> (BITS * (k % PACK))) & (2^BITS - 1)
     W[n, k] = ((u - zero[g, n]) * scale[g, n]).to(x.dtype)       g = k // GROUP_SIZE
 
-int4: BLOCK_K divides GROUP_SIZE, so a K step needs one scale and zero per output row; int8
-has one scale per row for the whole K loop and the constant zero 128. The float32 math and the
-single rounding to x's dtype are exactly the eager ``dequantize``. The dot accumulates in
-float32 (fp16 / bf16 on tensor cores; fp32 activations with DOT_PRECISION "ieee" = exact fp32
-FMAs, or "tf32" when torch allows tf32 matmuls).
+With groups (int4, or int8 with groups or zero points: GROUP_SIZE > 0) BLOCK_K divides
+GROUP_SIZE, so a K step needs one scale and zero per output row; per-channel symmetric int8
+(GROUP_SIZE 0) has one scale per row for the whole K loop and the constant zero 128. The
+float32 math and the single rounding to x's dtype are exactly the eager ``dequantize``. The dot
+accumulates in float32 (fp16 / bf16 on tensor cores; fp32 activations with DOT_PRECISION
+"ieee" = exact fp32 FMAs, or "tf32" when torch allows tf32 matmuls).
 
 Split-K (SPLIT_K > 1, decode with few N tiles): program (tile, s) sums K range s, stores its
 float32 partial in partial[s], and increments the tile's lock; the program that arrives last
@@ -47,7 +48,7 @@ def _weight_tile(words_ptr, scales_ptr, zeros_ptr, offs_n, k0, N_pad, scale_per_
     # Code s of word i is input k = PACK * i + s: merging the two minor dims gives k in order.
     codes = (words[:, :, None] >> shifts[None, None, :]) & ((1 << BITS) - 1)
     codes = tl.reshape(codes, (BLOCK_N, BLOCK_K))
-    if BITS == 8:
+    if GROUP_SIZE == 0:
         w = (codes - 128).to(tl.float32) * scale_per_channel[:, None]
     else:
         group = k0 // GROUP_SIZE
@@ -73,7 +74,7 @@ def _quant_matmul_kernel(
     x_ptr,                      # [M, K] activations, strides (stride_xm, stride_xk)
     words_ptr,                  # int32 [K_pad / PACK, N_pad]   (quant_matmul_repack.py)
     scales_ptr,                 # float32 [G, N_pad]
-    zeros_ptr,                  # int32 [G, N_pad] (int4 only)
+    zeros_ptr,                  # int32 [G, N_pad] (GROUP_SIZE > 0 only)
     bias_ptr,                   # [N] (HAS_BIAS)
     out_ptr,                    # [M, N], strides (stride_om, stride_on)
     partial_ptr,                # float32 [SPLIT_K, M, N] contiguous (SPLIT_K > 1)
@@ -101,7 +102,7 @@ def _quant_matmul_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     scale_per_channel = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if BITS == 8:
+    if GROUP_SIZE == 0:
         scale_per_channel = tl.load(scales_ptr + offs_n)   # row 0 of [1, N_pad], loop-invariant
     OUT_DTYPE: tl.constexpr = x_ptr.dtype.element_ty
 

@@ -12,18 +12,23 @@ formats dequantize with one formula and no sign extension:
 
     w[n, k] = ((u[n, k] - zero[g, n]) * scale[g, n]).to(x.dtype),   g = k // group_size
 
-    scales  float32 [G, N_pad]   (int8: G = 1, the per-channel scale)
-    zeros   int32   [G, N_pad]   (int4; int8 has the constant zero 128 and stores none)
+    scales  float32 [G, N_pad]   (per-channel int8: G = 1)
+    zeros   int32   [G, N_pad]   (unsigned like u: int4 z, int8 z + 128; symmetric per-channel
+                                  int8 has the constant zero 128 and stores none)
+
+Grouped int8 (GPTQ 8-bit) takes the int4 path of the kernel with its own zeros (128 where the
+checkpoint is symmetric); per-channel int8 with zero points is one group of K_pad.
 
 float32 scales and an integer (u - zero) keep the arithmetic exactly that of the eager
 ``dequantize``. Zeros are widened to int32 so that, like scales, they load with the 4-byte
 asynchronous copies the software pipeline uses (uint8 ones load a byte at a time, unpipelined).
 
-N is padded to a multiple of 128 (the largest BLOCK_N) and, for int8, K to a multiple of 128
-(the largest BLOCK_K): padded columns have scale 0 and padded inputs the zero code, so the
-kernel loads weights, scales and zeros without masks (int4 K is a multiple of the group size,
-which the int4 BLOCK_K divides). One tile load of [BLOCK_N, BLOCK_K / PACK] words is
-coalesced along N and expands in registers to the [BLOCK_N, BLOCK_K] tile.
+N is padded to a multiple of 128 (the largest BLOCK_N) and, for per-channel int8, K to a
+multiple of 128 (the largest BLOCK_K): padded columns have scale 0 and padded inputs the zero
+code, so the kernel loads weights, scales and zeros without masks (a grouped K is a multiple
+of the group size, which the grouped BLOCK_K divides). One tile load of
+[BLOCK_N, BLOCK_K / PACK] words is coalesced along N and expands in registers to the
+[BLOCK_N, BLOCK_K] tile.
 
 The layout is stored in ``qw.prepared["triton"]`` and rebuilt only when the canonical tensors
 behind it change (their storage, shape or format).
@@ -47,9 +52,9 @@ class PreparedWeight:
 
     words: torch.Tensor          # int32 [K_pad / PACK, N_pad]
     scales: torch.Tensor         # float32 [G, N_pad]
-    zeros: torch.Tensor | None   # int32 [G, N_pad] (int4) or None (int8: zero 128)
+    zeros: torch.Tensor | None   # int32 [G, N_pad], or None (symmetric per-channel int8: 128)
     bits: int
-    group_size: int | None       # None: per output channel (int8)
+    group_size: int | None       # the kernel's group; None: one scale per row, zero 128
     n: int                       # N, K of the original weight
     k: int
     source: tuple                # identifies the canonical tensors this was built from
@@ -105,12 +110,22 @@ def build(qw) -> PreparedWeight:
     """Repack ``qw`` (validated) into the kernel's layout; no caching."""
     n, k = qw.shape
     n_pad = _round_up(n, PAD_N)
-    k_pad = _round_up(k, PAD_K_INT8) if qw.bits == 8 else k
+    per_channel = qw.group_size is None     # int8 only
+    k_pad = _round_up(k, PAD_K_INT8) if per_channel else k
     pad_code = 128 if qw.bits == 8 else 0
     words = _pack_k_major(_unsigned_codes(qw), qw.bits, k_pad, n_pad, pad_code)
-    scales = qw.scales[:, None] if qw.bits == 8 else qw.scales
-    zeros = None if qw.bits == 8 else _pad_columns(qw.zeros.to(torch.int32), n_pad)
-    return PreparedWeight(words, _pad_columns(scales, n_pad), zeros, qw.bits, qw.group_size,
+    scales = qw.scales[:, None] if per_channel else qw.scales
+    group, zeros = qw.group_size, None
+    if qw.bits == 4:
+        zeros = qw.zeros.to(torch.int32)
+    elif qw.zeros is not None or not per_channel:
+        # Unsigned codes u = q + 128, so the zero shifts with them (symmetric: z = 0).
+        signed = torch.zeros_like(scales, dtype=torch.int32) if qw.zeros is None else qw.zeros
+        zeros = signed.to(torch.int32).view(scales.shape) + 128
+        group = group or k_pad
+    if zeros is not None:
+        zeros = _pad_columns(zeros, n_pad)
+    return PreparedWeight(words, _pad_columns(scales, n_pad), zeros, qw.bits, group,
                           n, k, _source_key(qw))
 
 

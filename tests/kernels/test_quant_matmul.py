@@ -173,6 +173,57 @@ def test_prepare_builds_the_layout_once_and_rebuilds_on_change(fmt):
     torch.testing.assert_close(after, 2 * before, rtol=1e-5, atol=1e-5)
 
 
+def checkpoint_weight(fmt: str, n: int, k: int, act_order: bool, seed: int, dtype=torch.float32):
+    """A QuantizedWeight in a format only checkpoint readers build (random codes, scales, zero
+    points), and the float64 reference of what it stores: (qw, codes, zeros, scales, perm) with
+    scales / zeros repeated per input, so w_stored = (codes - zeros) * scales."""
+    g = torch.Generator().manual_seed(seed)
+    bits, group = {"int8_g32": (8, 32), "int8_g64_asym": (8, 64), "int8_asym": (8, None),
+                   "int4_gK": (4, k), "int4_g128": (4, 128)}[fmt]
+    n_groups = 1 if group is None else k // group
+    scales = torch.rand(n, n_groups, generator=g) * 0.02 + 0.001
+    if bits == 8:
+        codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+        zeros = (torch.randint(-128, 128, (n, n_groups), generator=g, dtype=torch.int8)
+                 if "asym" in fmt else None)
+        qweight = codes
+    else:
+        codes = torch.randint(0, 16, (n, k), generator=g)
+        zeros = torch.randint(0, 16, (n, n_groups), generator=g, dtype=torch.uint8)
+        nibbles = codes.view(n, k // 8, 8).to(torch.int64) << (4 * torch.arange(8))
+        qweight = (nibbles.sum(-1) & 0xFFFFFFFF).to(torch.uint32).view(torch.int32)
+    perm = torch.randperm(k, generator=g) if act_order else None
+    qw = QuantizedWeight(qweight, scales if group else scales[:, 0].contiguous(),
+                         zeros if group or zeros is None else zeros[:, 0].contiguous(), bits, group,
+                         (n, k), dtype, perm)
+    per_input = torch.arange(k) // (group or k)
+    zeros64 = 0.0 if zeros is None else zeros.double()[:, per_input]
+    return qw, codes.double(), zeros64, scales.double()[:, per_input], perm
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("fmt,k", [("int8_g32", 96), ("int8_g64_asym", 192), ("int8_asym", 97),
+                                   ("int4_gK", 96), ("int4_gK", 256), ("int4_g128", 256)])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("m", [1, 33])
+def test_checkpoint_formats_against_float64(poisoned_empty, impl, dtype, fmt, k, act_order, m):
+    """Grouped int8 with zero points, one int4 group per row, act-order: y[m, n] =
+    sum_k x[m, perm[k]] * (codes[n, k] - zeros) * scales, in float64 from the raw fields."""
+    n = 45
+    qw, codes, zeros, scales, perm = checkpoint_weight(fmt, n, k, act_order, seed=k + m, dtype=dtype)
+    x = randn(m, k, seed=m, dtype=dtype)
+    bias = randn(n, seed=5, dtype=dtype)
+    gathered = x.double() if perm is None else x.double()[:, perm]
+    # dequantize rounds the weight to dtype once, as the kernels do: compare with that weight.
+    w = ((codes - zeros) * scales).to(dtype).double()
+    ref = gathered @ w.T + bias.double()
+    y = run(impl, x, qw, bias)
+    assert y.dtype == dtype and y.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * max(1.0, ref.abs().max().item()))
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("m", [3, 20])
 def test_strided_x(impl, m):

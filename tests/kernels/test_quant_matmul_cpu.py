@@ -33,9 +33,10 @@ def reference_weight(qw) -> torch.Tensor:
 
 
 # M 1 and 5 take the decode tiles (M < 6, the batched tile's rows on AVX2; 4 on AVX-512), 6, 8
-# and 33 the batched path's row tiles (full, split evenly, with a narrower last one), 70 the
+# and 15 the batched path's row tiles (full, split evenly, with a narrower last one), 16 and 33
+# the outer-product tiles (whole ones and a one-vector tail; from XT_ROWS = 16), 70 the
 # dequantize + sgemm path (M > DEQUANT_ROWS); N odd; K a multiple of the group size (odd for int8).
-@pytest.mark.parametrize("m", [1, 5, 6, 8, 33, 70])
+@pytest.mark.parametrize("m", [1, 5, 6, 8, 15, 16, 33, 70])
 @pytest.mark.parametrize("fmt,n,k", [("int8", 37, 97), ("int8", 53, 256), ("int4_g32", 37, 96),
                                      ("int4_g64", 29, 192), ("int4_g128", 37, 256)])
 @pytest.mark.parametrize("bias", [False, True])

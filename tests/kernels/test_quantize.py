@@ -216,3 +216,41 @@ def test_dequantize_bad_inputs():
                       (dataclasses.replace(qw, group_size=48), "qw.group_size")]:
         with pytest.raises(ValueError, match=rf"(^|\W){re.escape(name)}\W"):
             lepton_kernels.dequantize(bad)
+
+
+def test_checkpoint_formats_dequantize_in_input_order():
+    """int8 in groups with zero points and an act-order perm: w[n, perm[c]] = (q - z) * s of
+    stored column c, computed here in float64 with a loop over stored columns."""
+    g = torch.Generator().manual_seed(3)
+    n, k, group = 5, 64, 32
+    q = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+    z = torch.randint(-128, 128, (n, k // group), generator=g, dtype=torch.int8)
+    s = torch.rand(n, k // group, generator=g) + 0.5
+    perm = torch.randperm(k, generator=g)
+    qw = QuantizedWeight(q, s, z, 8, group, (n, k), torch.float32, perm)
+    ref = np.zeros((n, k))
+    for c in range(k):
+        j = c // group
+        ref[:, int(perm[c])] = (q[:, c].double() - z[:, j].double()).numpy() * s[:, j].double().numpy()
+    np.testing.assert_allclose(lepton_kernels.dequantize(qw).double().numpy(), ref, rtol=1e-6)
+    # One int4 group per row (GPTQ group_size -1) reads like any other group size.
+    qw4 = lepton_kernels.quantize(gaussian(4, 96), bits=4, group_size=32)
+    row = QuantizedWeight(qw4.qweight, qw4.scales[:, :1].contiguous(), qw4.zeros[:, :1].contiguous(),
+                          4, 96, (4, 96), torch.float32)
+    expected = (unpack_int4(qw4.qweight) - qw4.zeros[:, :1].numpy()) * qw4.scales[:, :1].double().numpy()
+    np.testing.assert_allclose(lepton_kernels.dequantize(row).double().numpy(), expected, rtol=1e-6)
+
+
+def test_checkpoint_format_bad_fields():
+    qw = lepton_kernels.quantize(gaussian(4, 64), bits=4, group_size=32)
+    q8 = torch.zeros(4, 64, dtype=torch.int8)
+    s8 = torch.ones(4, 2)
+    for bad, name in [(dataclasses.replace(qw, perm=torch.arange(64, dtype=torch.int32)), "qw.perm"),
+                      (dataclasses.replace(qw, perm=torch.arange(32)), "qw.perm"),
+                      (dataclasses.replace(qw, group_size=40), "qw.group_size"),
+                      (QuantizedWeight(q8, s8, s8.byte(), 8, 32, (4, 64), torch.float32), "qw.zeros"),
+                      (QuantizedWeight(q8, s8, None, 8, 48, (4, 64), torch.float32), "qw.group_size"),
+                      (QuantizedWeight(q8, s8[:, 0], torch.zeros(4, 1, dtype=torch.int8), 8, None,
+                                       (4, 64), torch.float32), "qw.zeros")]:
+        with pytest.raises(ValueError, match=rf"(^|\W){re.escape(name)}\W"):
+            lepton_kernels.dequantize(bad)
