@@ -1,33 +1,36 @@
 /* Weight-only quantized matmul on the CPU: y[M, N] = x[M, K] @ W'^T (+ bias), float32.
  *
  * W' is lepton_kernels/ops/quantize.py's dequantize, computed on the canonical packed layout:
- *   int8:  W'[n, k] = q[n, k] * s[n]                      q int8 [N, K]
- *   int4:  W'[n, k] = (q[n, k] - z[n, j]) * s[n, j]        j = k / group_size
+ *   int8:  W'[n, k] = (q[n, k] - z[n, j]) * s[n, j]       q int8 [N, K]
+ *   int4:  W'[n, k] = (q[n, k] - z[n, j]) * s[n, j]       q the nibbles of the int32 words
+ * with j = k / group_size; int8 per output channel is group_size = K; z = 0 when symmetric (int8
+ * zeros NULL). An act-order permutation is applied to x's columns by the caller.
  * int4 reads the canonical packed words as bytes: byte b of a row holds input 2b in its low
  * nibble and 2b + 1 in its high one, so one 16-byte load gives the 16 even and the 16 odd inputs
- * of a block of BLOCK_K = 32 with a mask and a shift. To match, lk_quant_gemm_int4 first copies x
- * into a scratch with the columns of each block reordered (evens, then odds): M x K floats per
- * call instead of a repacked copy of the weight. z arrives as float32 (converted at prepare time).
+ * of a block of BLOCK_K = 32 with a mask and a shift. To match, x's columns are reordered per
+ * block (evens, then odds): an M x K scratch per call instead of a repacked copy of the weight.
+ * zeros arrive as float32 (converted at prepare time).
  *
- * Two paths, both blocked so every value sits in a register while it is reused:
+ * Three paths, each blocked so every value sits in a register while it is reused:
  * - decode (M < TILE_MB): each weight is converted in registers and used once per row of x, so
  *   the packed weight streams from memory once per row: 1 or 1/2 byte per weight instead of 4.
- *   Tiles of 1 x NB rows keep NB independent FMA chains. int8 multiplies a row's sum by s[n]
- *   once: s * sum(x q). int4 sums x q per group and folds the group in with its scale and zero:
- *   sum_j s_j * (sum_{k in j} x_k q_k - z_j * sum_{k in j} x_k), the per-group sums of x
- *   computed once per call; the inner loop is then a widen, a convert and an FMA per weight.
- * - batched (M >= TILE_MB): TILE_MB x TILE_NB tiles, each weight vector loaded once per tile and
- *   fed to TILE_MB rows of x. int8 converts it in registers (the conversion issues on other
- *   ports than the FMAs, so it is nearly free at 6 rows). int4, whose conversion also needs its
- *   group's scale and zero (two more registers per weight row than a 6 x 2 tile has), has each
- *   thread dequantize a block of N_BLOCK rows into a float scratch (L1/L2-resident) first: paid
- *   once per weight, not once per row of x.
- * Threads (OpenMP, the runtime torch already loaded) split the output rows in blocks of
- * N_BLOCK. Edge tiles point their missing rows at the tile's first row and drop those results.
- * Every path is a float32 dot product of the same values, so results differ from the eager
- * spec by float32 rounding only.
- * This file has no Python or torch dependency: it is compiled on first use with the system C
- * compiler for the host CPU (-march=native).
+ *   Tiles of 1 x NB rows keep NB independent FMA chains. Plain int8 (per channel, symmetric)
+ *   multiplies a row's sum by s[n] once: s * sum(x q). Groups sum x q per group and fold each in
+ *   with its scale and zero: sum_j s_j * (sum_{k in j} x_k q_k - z_j * sum_{k in j} x_k), the
+ *   per-group sums of x computed once per call.
+ * - batched (TILE_MB <= M < XT_ROWS): TILE_MB x TILE_NB dot-product tiles, each weight vector
+ *   loaded once per tile and fed to TILE_MB rows of x. Plain int8 converts it in registers (the
+ *   conversion issues on other ports than the FMAs, so it is nearly free at 6 rows); the others,
+ *   whose conversion also needs a group's scale and zero (more registers than a 6 x 2 tile has
+ *   left), have each thread dequantize a block of N_BLOCK rows into a float scratch first.
+ * - outer product (M >= XT_ROWS, quant_outer.h): x transposed once into panels, weight rows
+ *   dequantized a block at a time, tiles of broadcast weights times vectors of x.
+ * Threads (OpenMP, the runtime torch already loaded) split the output rows in blocks. Edge
+ * tiles point their missing rows at the tile's first row and drop those results. Every path is
+ * a float32 dot product of the same values, so results differ from the eager spec by float32
+ * rounding only.
+ * The sources have no Python or torch dependency: quant_gemm.c (with the headers it includes)
+ * is compiled on first use with the system C compiler for the host CPU (-march=native).
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -35,39 +38,7 @@
 
 #include "quant_simd.h"
 
-typedef struct {
-    const float *x; int64_t ldx;       /* x rows, ldx floats apart */
-    float *y; int64_t ldy;             /* y rows, ldy floats apart */
-    const float *bias;                 /* [N] or NULL */
-    int64_t M, N, K;
-} io_t;
-
-/* Row pointers of a tile; rows past the edge point at its first row (results dropped). */
-#define TILE_ROWS(MB, NB, m0, n0)                                                          \
-    const float *xr[MB_MAX];                                                               \
-    int64_t nr[NB_MAX];                                                                    \
-    float tail[MB_MAX][NB_MAX];                                                            \
-    for (int i = 0; i < MB; i++) xr[i] = io->x + (m0 + i < io->M ? m0 + i : m0) * io->ldx; \
-    for (int r = 0; r < NB; r++) nr[r] = n0 + r < io->N ? n0 + r : n0;                     \
-    for (int i = 0; i < MB; i++)                                                           \
-        for (int r = 0; r < NB; r++) tail[i][r] = 0.f;
-
-/* tail += the lane sums of acc. Macros, not functions: taking the accumulators' address would
- * keep them in memory instead of registers. */
-#define ADD_LANES(MB, NB, acc)                                                             \
-    for (int i = 0; i < MB; i++)                                                           \
-        for (int r = 0; r < NB; r++) tail[i][r] += hsum(acc[i][r]);
-
-/* y = tail [* row_scale] [+ bias] for the tile's entries inside y. */
-#define STORE_TILE(MB, NB, m0, n0, row_scale)                                              \
-    for (int i = 0; i < MB; i++)                                                           \
-        for (int r = 0; r < NB; r++) {                                                     \
-            if (m0 + i >= io->M || n0 + r >= io->N) continue;                              \
-            float sum = tail[i][r];                                                        \
-            if (row_scale) sum *= ((const float *)row_scale)[n0 + r];                      \
-            if (io->bias) sum += io->bias[n0 + r];                                         \
-            io->y[(m0 + i) * io->ldy + n0 + r] = sum;                                      \
-        }
+#include "quant_tiles.h"
 
 /* Decode: one 1 x NB tile of y for int8 weights q [N, K], scales [N], converted in registers. */
 INLINE void decode_int8(const io_t *io, int64_t m0, int64_t n0, const int NB, const int8_t *q,
@@ -156,71 +127,6 @@ INLINE void decode_groups(const io_t *io, int64_t m0, int64_t n0, const int NB, 
     STORE_TILE(1, NB, m0, n0, NULL)
 }
 
-/* Batched: one MB x NB tile of y over weight rows wr[r] (K apart), each vector of them read by
- * LOAD(wr[r] + k) and fed to MB rows of x. A macro, not one function with a run-time choice of
- * load: gcc then allocates registers for each tile on its own (the shared version spilled
- * accumulators of the 4 x 2 tile to the stack). */
-#define TILE_BODY(MB, NB, LOAD, SCALAR, row_scale)                                         \
-    int64_t K = io->K;                                                                     \
-    vf acc[MB_MAX][NB_MAX];                                                                \
-    for (int i = 0; i < MB; i++)                                                           \
-        for (int r = 0; r < NB; r++) acc[i][r] = splat(0.f);                               \
-    int64_t k = 0;                                                                         \
-    for (; k + LANES <= K; k += LANES) {                                                   \
-        vf wv[NB_MAX];                                                                     \
-        for (int r = 0; r < NB; r++) wv[r] = LOAD(wr[r] + k);                              \
-        for (int i = 0; i < MB; i++) {                                                     \
-            vf xv = load_f(xr[i] + k);                                                     \
-            IN_REG(xv);                                                                    \
-            for (int r = 0; r < NB; r++) acc[i][r] += xv * wv[r];                          \
-        }                                                                                  \
-    }                                                                                      \
-    for (; k < K; k++)                                                                     \
-        for (int i = 0; i < MB; i++)                                                       \
-            for (int r = 0; r < NB; r++) tail[i][r] += xr[i][k] * (SCALAR)wr[r][k];        \
-    ADD_LANES(MB, NB, acc)                                                                 \
-    STORE_TILE(MB, NB, m0, n0, row_scale)
-
-/* ... over float rows w (the int4 scratch; w[0] is row n0). */
-INLINE void tile_f32(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
-                     const float *w) {
-    TILE_ROWS(MB, NB, m0, n0)
-    const float *wr[NB_MAX];
-    for (int r = 0; r < NB; r++) wr[r] = w + (nr[r] - n0) * io->K;
-    TILE_BODY(MB, NB, load_f, float, NULL)
-}
-
-/* ... over int8 rows of q converted in registers: each converted vector feeds MB rows of x and
- * the conversion issues beside the FMAs, so int8 needs no scratch; the scale multiplies the sums. */
-INLINE void tile_int8(const io_t *io, int64_t m0, int64_t n0, const int MB, const int NB,
-                      const int8_t *q, const float *scales) {
-    TILE_ROWS(MB, NB, m0, n0)
-    const int8_t *wr[NB_MAX];
-    for (int r = 0; r < NB; r++) wr[r] = q + nr[r] * io->K;
-    TILE_BODY(MB, NB, int8_to_f, float, scales)
-}
-
-/* One tile of mb (1 .. TILE_MB) rows of x by TILE_NB weight rows, through a switch to constant
- * tile sizes so the accumulators stay in registers. Not inlined into the OpenMP loop: there gcc
- * versioned the loop and spilled the accumulators of one of the copies (M = 8 ran 2x slower). */
-#define TILE_SWITCH(TILE, ...)                                                             \
-    switch (mb) {                                                                          \
-    case 1: TILE(io, m0, n0, 1, TILE_NB, __VA_ARGS__); break;                              \
-    case 2: TILE(io, m0, n0, 2, TILE_NB, __VA_ARGS__); break;                              \
-    case 3: TILE(io, m0, n0, 3, TILE_NB, __VA_ARGS__); break;                              \
-    case 4: TILE(io, m0, n0, 4, TILE_NB, __VA_ARGS__); break;                              \
-    case 5: TILE(io, m0, n0, 5, TILE_NB, __VA_ARGS__); break;                              \
-    default: TILE(io, m0, n0, TILE_MB, TILE_NB, __VA_ARGS__); break;                       \
-    }
-static __attribute__((noinline)) void tiles_f32(const io_t *io, int64_t m0, int64_t n0, int mb,
-                                                const float *w) {
-    TILE_SWITCH(tile_f32, w)
-}
-static __attribute__((noinline)) void tiles_int8(const io_t *io, int64_t m0, int64_t n0, int mb,
-                                                 const int8_t *q, const float *scales) {
-    TILE_SWITCH(tile_int8, q, scales)
-}
-
 /* Weight rows n0 .. n0 + rows as floats (q - z) * s, K apart (dequant_rows_fn of quant_outer.h).
  * int8: natural column order; int4: x's block order (evens, then odds, of each BLOCK_K). */
 static void dequant_rows_int8(const void *p, int64_t K, int64_t n0, int rows, float *w) {
@@ -264,50 +170,6 @@ static void dequant_rows_int4(const void *p, int64_t K, int64_t n0, int rows, fl
 
 #include "quant_outer.h"
 
-/* The batched path over blocks of N_BLOCK weight rows; with SCRATCH (int4) each thread first
- * dequantizes the block into its scratch w and tiles over it; int8 (q) tiles the packed rows.
- * The last M % TILE_MB rows of x take narrower tiles. Returns -1 when a scratch cannot be had. */
-#define BATCHED(SCRATCH, DEQUANT, TILES, ...)                                            \
-    int failed = 0;                                                                        \
-    int64_t blocks = (io.N + N_BLOCK - 1) / N_BLOCK;                                       \
-    _Pragma("omp parallel if (io.N * io.K * io.M > 65536)")                                \
-    {                                                                                      \
-        float *w = SCRATCH ? malloc((size_t)(N_BLOCK * io.K) * sizeof(float)) : NULL;      \
-        if (SCRATCH && !w) {                                                               \
-            _Pragma("omp atomic write")                                                    \
-            failed = 1;                                                                    \
-        }                                                                                  \
-        _Pragma("omp for schedule(static)")                                                \
-        for (int64_t b = 0; b < blocks; b++) {                                             \
-            if (SCRATCH && !w) continue;                                                   \
-            int64_t n0 = b * N_BLOCK, m0 = 0;                                              \
-            int rows = io.N - n0 < N_BLOCK ? (int)(io.N - n0) : N_BLOCK;                   \
-            DEQUANT;                                                                       \
-            /* ceil(M / TILE_MB) row tiles of near-equal size: M = 8 runs as 4 + 4, not 6 + 2 */ \
-            int64_t tiles = (io.M + TILE_MB - 1) / TILE_MB;                                \
-            for (int64_t t = 0; t < tiles; t++) {                                          \
-                int mb = (int)(io.M / tiles + (t < io.M % tiles));                         \
-                for (int64_t n = n0; n < n0 + rows; n += TILE_NB) {                        \
-                    const float *wn = SCRATCH ? w + (n - n0) * io.K : NULL;                \
-                    (void)wn;                                                              \
-                    TILES(&io, m0, n, mb, __VA_ARGS__);                                    \
-                }                                                                          \
-                m0 += mb;                                                                  \
-            }                                                                              \
-        }                                                                                  \
-        free(w);                                                                           \
-    }                                                                                      \
-    return failed ? -1 : 0;
-
-/* Decode rows of x one at a time, threads over blocks of N_BLOCK output rows. */
-#define DECODE(TILE, NB, ...)                                                              \
-    int64_t blocks = (io.N + N_BLOCK - 1) / N_BLOCK;                                       \
-    _Pragma("omp parallel for schedule(static) if (io.N * io.K * io.M > 65536)")           \
-    for (int64_t b = 0; b < blocks; b++)                                                   \
-        for (int64_t m = 0; m < io.M; m++)                                                 \
-            for (int64_t n = b * N_BLOCK; n < (b + 1) * N_BLOCK && n < io.N; n += NB)      \
-                TILE(&io, m, n, NB, __VA_ARGS__);
-
 static int int4_batched(const io_t *iop, const qweight_t *qw) {
     io_t io = *iop;
     BATCHED(1, dequant_rows_int4(qw, io.K, n0, rows, w), tiles_f32, wn)
@@ -333,11 +195,14 @@ int lk_quant_gemm_int8(const float *x, int64_t M, int64_t K, const int8_t *q, co
     int plain = zeros == NULL && group_size == K;
     if (M >= XT_ROWS)
         return gemm_outer(x, M, K, N, bias, y, &qw, dequant_rows_int8, 0);
-    if (M < TILE_MB && plain) {
+    /* One row: decode tiles, eight chains per row. From two rows, plain int8 takes the tiles,
+     * which convert each weight vector once for all rows (a 32000 x 512 head at 2-5 rows:
+     * 20-25% faster here; the same time on the layers, whose weights stay in L2). */
+    if (M == 1 && plain) {
         DECODE(decode_int8, 8, q, scales)
         return 0;
     }
-    if (M < TILE_MB) {
+    if (M < TILE_MB && !plain) {
         float *xsum = zeros ? malloc((size_t)(M * (K / group_size)) * sizeof(float)) : NULL;
         if (zeros && !xsum) return -1;
         if (zeros) group_sums(x, M, K, group_size, xsum);

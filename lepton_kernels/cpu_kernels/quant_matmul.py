@@ -8,11 +8,11 @@ convention maps from ours as
     w = (q - 8) * scale + offset,  offset = (8 - zero) * scale,  scales_and_zeros [K/g, N, 2]
 (tests/kernels/test_quant_matmul_cpu.py checks it), but they stay unused for those reasons. So the math runs in quant_gemm.c:
 
-* M <= DEQUANT_ROWS (decode, batched decode): register-tiled kernels on the packed weight.
-  Below the batched tile's rows (6 on AVX2, 4 on AVX-512) each weight vector is converted in
-  registers and used once per row, streaming 1 (int8) or 1/2 (int4) byte per weight instead of
-  4; from there each thread dequantizes 8 weight rows at a time into a cache-resident float
-  scratch and runs float tiles over it, converting each weight once per call.
+* M <= DEQUANT_ROWS (decode, batched decode, short prefills): register-tiled kernels on the
+  packed weight. Below the batched tile's rows (6 on AVX2, 4 on AVX-512) each weight vector is
+  converted in registers and used once per row, streaming 1 (int8) or 1/2 (int4) byte per weight
+  instead of 4; up to 16 rows, dot-product tiles of 6 rows; from 16 rows, outer-product tiles
+  (quant_outer.h) over weight rows dequantized a block at a time into a cache-resident scratch.
 * M > DEQUANT_ROWS (large prefills): the compute dominates, so the weight is dequantized
   (in C, in parallel) into a float32 scratch and multiplied by MKL's sgemm.
 
@@ -43,11 +43,12 @@ import torch.nn.functional as F
 from ..ops.quant_matmul import check_args
 from . import jit_build
 
-# Above this many rows, dequantize + sgemm. Measured on a 2-core AVX2 VM (us, float32 F.linear /
-# int8 tiled / int8 dequantize + sgemm): 2752x512 at 64 rows 1555 / 1744 / 1803, at 128 rows
-# 2553 / 3340 / 2815; a 32000x512 LM head at 64 rows 27238 / 20400 / 53824 (sgemm repacks the
-# whole scratch weight on every call). So tiles up to 64 rows; only large prefills dequantize.
-DEQUANT_ROWS = 64
+# Above this many rows, dequantize + sgemm. Measured on a 2-core AVX2 VM, one thread, summed over
+# the ~55M Llama's qkv, gate_up and down shapes, speed relative to float32 oneDNN (outer-product
+# tiles int8 / int4 | dequantize + sgemm int8 / int4): 128 rows 1.04 / 1.04 | 0.98 / 0.84,
+# 256 rows 1.03 / 1.04 | 1.06 / 0.98, 512 rows 1.01 / 1.04 | 1.07 / 1.03, 2048 rows 0.97 / 0.95 |
+# 1.10 / 1.08: the tiles re-read all of x per block of weight rows, sgemm blocks x for its caches.
+DEQUANT_ROWS = 256
 SOURCE = "quant_gemm.c"
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
 _SIGNATURES = {

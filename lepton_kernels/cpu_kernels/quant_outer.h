@@ -3,6 +3,10 @@
  *
  *     y[m, n] = sum_k W'[n, k] * xt[k, m]        xt = x^T, its M rows padded to a multiple of LANES
  *
+ * xt is packed in panels of XT_MV * LANES rows of x (the last one narrower), each panel [K][width]
+ * contiguous, so a tile walks its panel sequentially: with one [K][M] block, a large M put the
+ * rows of a tile's k steps M floats apart, on the same few L1 sets (M = 2048: 4x slower).
+ *
  * A tile holds XT_TN weight rows by XT_MV * LANES rows of x: per k it loads XT_MV vectors of
  * xt[k, m0 ...] (contiguous) and broadcasts XT_TN weights, then runs XT_TN * XT_MV FMAs into
  * as many accumulators: 12 FMAs per 8 loads on AVX2 (6 x 16), no lane sums. That is the shape of
@@ -34,8 +38,9 @@
 #define XT_ROWS 16
 
 /* XT_TN rows of y[m0 .. m0 + MV * LANES) (those < M), columns n0 .. n0 + nvalid, from the
- * dequantized rows w (K floats apart). Missing rows (nvalid < XT_TN) reuse row 0; dropped. */
-INLINE void xt_tile(const float *xt, int64_t Mp, int64_t K, const float *w, int64_t n0,
+ * dequantized rows w (K floats apart) and the panel xt of MV * LANES rows of x ([K][MV * LANES]).
+ * Missing rows (nvalid < XT_TN) reuse row 0; their results are dropped. */
+INLINE void xt_tile(const float *xt, int64_t K, const float *w, int64_t n0,
                     int64_t nvalid, int64_t m0, const int MV, float *y, int64_t ldy, int64_t M,
                     const float *bias) {
     const float *wr[XT_TN];
@@ -43,8 +48,8 @@ INLINE void xt_tile(const float *xt, int64_t Mp, int64_t K, const float *w, int6
     vf acc[XT_TN][XT_MV];
     for (int i = 0; i < XT_TN; i++)
         for (int v = 0; v < MV; v++) acc[i][v] = splat(0.f);
-    const float *xp = xt + m0;
-    for (int64_t k = 0; k < K; k++, xp += Mp) {
+    const float *xp = xt;
+    for (int64_t k = 0; k < K; k++, xp += MV * LANES) {
         vf xv[XT_MV];
         for (int v = 0; v < MV; v++) xv[v] = load_f(xp + v * LANES);
         for (int i = 0; i < XT_TN; i++) {
@@ -73,23 +78,30 @@ static __attribute__((noinline)) void xt_tiles(const float *xt, int64_t Mp, int6
                                                float *y, int64_t ldy, int64_t M, const float *bias) {
     int64_t m0 = 0;
     for (; m0 + XT_MV * LANES <= Mp; m0 += XT_MV * LANES)
-        xt_tile(xt, Mp, K, w, n0, nvalid, m0, XT_MV, y, ldy, M, bias);
-    for (; m0 < Mp; m0 += LANES)
-        xt_tile(xt, Mp, K, w, n0, nvalid, m0, 1, y, ldy, M, bias);
+        xt_tile(xt + m0 * K, K, w, n0, nvalid, m0, XT_MV, y, ldy, M, bias);
+    for (; m0 < Mp; m0 += LANES)   /* the last panel, narrower: tiles of one vector */
+        xt_tile(xt + m0 * K, K, w, n0, nvalid, m0, 1, y, ldy, M, bias);
 }
 
-/* xt[k, m] = x[m, col(k)] for m < M, 0 for M <= m < Mp. col is the identity, or with int4's
- * block order (block_order != 0) the input that column k of a block of BLOCK_K holds: the
- * evens of the block, then its odds (see nibbles_to_f). */
-static void transpose_x(const float *x, int64_t M, int64_t K, int64_t Mp, float *xt, int block_order) {
-    for (int64_t k = 0; k < K; k++) {
-        int64_t col = k;
-        if (block_order) {
-            int64_t l = k % BLOCK_K, half = BLOCK_K / 2;
-            col = k - l + (l < half ? 2 * l : 2 * (l - half) + 1);
+/* The panels of xt, as xt_tiles walks them: full ones of w = XT_MV * LANES rows, then ones of
+ * w = LANES; the panel of rows m0 on starts at xt + m0 * K and holds xt[k, m0 + i] at
+ * [k * w + i]: x[m0 + i, col(k)]
+ * for rows < M, 0 past them. col is the identity, or with int4's block order (block_order != 0)
+ * the input that column k of a block of BLOCK_K holds: the evens of the block, then its odds
+ * (see nibbles_to_f). */
+static void pack_x_panels(const float *x, int64_t M, int64_t K, int64_t Mp, float *xt, int block_order) {
+    for (int64_t m0 = 0, width; m0 < Mp; m0 += width) {
+        width = Mp - m0 >= XT_MV * LANES ? XT_MV * LANES : LANES;
+        float *panel = xt + m0 * K;
+        for (int64_t k = 0; k < K; k++) {
+            int64_t col = k;
+            if (block_order) {
+                int64_t l = k % BLOCK_K, half = BLOCK_K / 2;
+                col = k - l + (l < half ? 2 * l : 2 * (l - half) + 1);
+            }
+            for (int64_t i = 0; i < width; i++)
+                panel[k * width + i] = m0 + i < M ? x[(m0 + i) * K + col] : 0.f;
         }
-        for (int64_t m = 0; m < M; m++) xt[k * Mp + m] = x[m * K + col];
-        for (int64_t m = M; m < Mp; m++) xt[k * Mp + m] = 0.f;
     }
 }
 
@@ -102,7 +114,7 @@ static int gemm_outer(const float *x, int64_t M, int64_t K, int64_t N, const flo
     int64_t Mp = (M + LANES - 1) / LANES * LANES;
     float *xt = malloc((size_t)(K * Mp) * sizeof(float));
     if (!xt) return -1;
-    transpose_x(x, M, K, Mp, xt, block_order);
+    pack_x_panels(x, M, K, Mp, xt, block_order);
     int failed = 0;
     int64_t blocks = (N + XT_NBLK - 1) / XT_NBLK;
     #pragma omp parallel if (N * K * M > 65536)

@@ -32,11 +32,12 @@ def reference_weight(qw) -> torch.Tensor:
     return (q.double() - qw.zeros.double()[:, groups]) * qw.scales.double()[:, groups]
 
 
-# M 1 and 5 take the decode tiles (M < 6, the batched tile's rows on AVX2; 4 on AVX-512), 6, 8
+# M 1 and 5 take the decode tiles (M < 6, the batched tile's rows on AVX2; 4 on AVX-512; per-
+# channel int8 from 2 rows on takes the batched tiles), 6, 8
 # and 15 the batched path's row tiles (full, split evenly, with a narrower last one), 16 and 33
-# the outer-product tiles (whole ones and a one-vector tail; from XT_ROWS = 16), 70 the
-# dequantize + sgemm path (M > DEQUANT_ROWS); N odd; K a multiple of the group size (odd for int8).
-@pytest.mark.parametrize("m", [1, 5, 6, 8, 15, 16, 33, 70])
+# and 70 the outer-product tiles (whole ones and a one-vector tail; from XT_ROWS = 16), and
+# DEQUANT_ROWS + 1 the dequantize + sgemm path; N odd; K a multiple of the group size (odd for int8).
+@pytest.mark.parametrize("m", [1, 5, 6, 8, 15, 16, 33, 70, cpu.DEQUANT_ROWS + 1])
 @pytest.mark.parametrize("fmt,n,k", [("int8", 37, 97), ("int8", 53, 256), ("int4_g32", 37, 96),
                                      ("int4_g64", 29, 192), ("int4_g128", 37, 256)])
 @pytest.mark.parametrize("bias", [False, True])
@@ -55,7 +56,7 @@ def test_float32_matches_float64_and_the_eager_spec(poisoned_empty, m, fmt, n, k
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("fmt", ["int8", "int4_g64"])
-@pytest.mark.parametrize("m", [1, 33, 70])
+@pytest.mark.parametrize("m", [1, 33, cpu.DEQUANT_ROWS + 1])
 def test_half_inputs_are_no_further_from_float64_than_eager(dtype, fmt, m):
     """float16/bfloat16 run in float32 and round once, so their error is the output rounding;
     eager also rounds W' to the input dtype, so the cpu error stays within 2x eager's."""

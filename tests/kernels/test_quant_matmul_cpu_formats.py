@@ -17,7 +17,7 @@ from tests.kernels.test_quant_matmul import run
 pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"cpu kernels: {cpu.available()}")
 
 # every path of the kernel: decode tiles, batched dot tiles, outer-product tiles, dequantize + sgemm
-ROWS = [1, 5, 7, 16, 33, 70]
+ROWS = [1, 5, 7, 16, 33, 70, cpu.DEQUANT_ROWS + 1]
 
 
 def make_weight(bits, n, k, group, zeros, perm, seed):
