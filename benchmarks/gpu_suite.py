@@ -263,9 +263,15 @@ def main(argv=None) -> int:
         print(f"{case.op:18s} {case.name:32s} done", file=sys.stderr, flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     md = markdown(rows, ceil, peak, name, note)
+    tp_rows = []
+    if not args.smoke and torch.cuda.device_count() >= 2:   # tensor parallel: needs two GPUs
+        from bench_tp_throughput import markdown as tp_markdown, tp_throughput
+
+        tp_rows = tp_throughput((1, 2), "cuda", dtype)
+        md += "\n\n## Tensor parallel: offline throughput, TP=1 vs TP=2\n\n" + tp_markdown(tp_rows) + "\n"
     (args.out / "gpu_suite.md").write_text(md)
     report = {"device": name, "ceilings": ceil, "peaks": peak, "rows": rows, "goals": goals(rows),
-              "note": note, "seconds": round(time.perf_counter() - start, 1)}
+              "note": note, "seconds": round(time.perf_counter() - start, 1), "tensor_parallel": tp_rows}
     (args.out / "gpu_suite.json").write_text(json.dumps(report, indent=1))
     print(md)
     return 0

@@ -150,9 +150,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be None or one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")
+        # > 1: the model is sharded over that many processes (lepton/model_executor/parallel/).
         check_int("tensor_parallel_size", self.tensor_parallel_size, 1)
-        if self.tensor_parallel_size != 1:
-            raise ValueError("tensor_parallel_size > 1 is not supported yet (use 1)")
         if self.max_num_batched_tokens is None:
             self.max_num_batched_tokens = max(8192 if self.device.type == "cuda" else 2048, self.max_num_seqs)
         if self.max_num_batched_tokens < self.block_size:

@@ -12,7 +12,8 @@ aborts are queued for that thread and applied between steps (at once when it is 
 iterating (client disconnect, task cancelled, break) aborts its request, which frees its cache
 blocks within one step. If a step raises, the requests in the engine end with
 EngineStepError and are aborted, and the loop serves on; only an error it cannot recover from
-(an abort that fails too) stops it and sets ``errored`` (a server's /health turns 503).
+(an abort that fails too, or an ExecutorDeadError: a tensor-parallel worker died) stops it and
+sets ``errored`` (a server's /health turns 503).
 
 Backpressure: outputs wait in the request's queue until its reader takes them. A reader that
 falls behind by more than ``max_buffered_tokens`` output tokens (a client that never reads its
@@ -30,6 +31,7 @@ import threading
 import uuid
 from typing import AsyncIterator
 
+from lepton.model_executor.executor import ExecutorDeadError
 from lepton.outputs import RequestOutput
 from lepton.sampling_params import SamplingParams
 
@@ -238,8 +240,11 @@ class AsyncEngine:
         with self._mutex:
             queued = {r.request_id for r in self._pending_adds}   # not in the engine yet: unharmed
             ids = [rid for rid in self._streams if rid not in queued]
+        # A dead executor's message says what happened (which worker); other errors stay opaque.
+        reason = f": {err}" if isinstance(err, ExecutorDeadError) else ""
         for rid in ids:
-            self._deliver(rid, EngineStepError(f"generation failed: the engine step raised {type(err).__name__}"))
+            self._deliver(rid, EngineStepError(f"generation failed: the engine step raised "
+                                               f"{type(err).__name__}{reason}"))
         self.engine.abort(ids)
 
     def _run(self) -> None:
@@ -255,6 +260,8 @@ class AsyncEngine:
                         busy = engine.step_routed()
                     except Exception as err:  # noqa: BLE001 (one failed step fails its requests, not the loop)
                         self._fail_step(err)
+                        if isinstance(err, ExecutorDeadError):   # no later step can run
+                            raise
                         continue
                     if not busy:   # nothing left to run
                         break

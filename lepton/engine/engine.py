@@ -39,7 +39,7 @@ from lepton.engine.structured_output.grammar import GrammarCompiler
 from lepton.engine.structured_output.manager import StructuredOutputManager
 from lepton.engine.tasks import Batch, TaskRunner
 from lepton.model_executor import setup
-from lepton.model_executor.executor import InProcessExecutor
+from lepton.model_executor.executor import make_executor
 from lepton.model_executor.loader import read_config, resolve_model_path
 from lepton.model_executor.quantized_checkpoints import describe_quantization
 from lepton.outputs import RequestOutput
@@ -72,7 +72,16 @@ class Engine:
         self.hf_config = read_config(self.model_path)
         self.device = cfg.device
         self.dtype = setup.resolve_model_dtype(cfg, self.hf_config)
-        self.executor = InProcessExecutor(cfg, self.model_path, self.hf_config, self.dtype)
+        # One process, or the driver of tensor_parallel_size ranks (model_executor/parallel/).
+        self.executor = make_executor(cfg, self.model_path, self.hf_config, self.dtype)
+        try:
+            self._assemble(cfg)
+        except BaseException:   # no worker process may outlive a failed start
+            self.executor.shutdown()
+            raise
+
+    def _assemble(self, cfg: EngineConfig) -> None:
+        """The parts around the executor: tokenizer, limits, KV cache, core, processors."""
         model = self.executor.model
         logger.info("model %s: %s on %s, quantization: %s", self.hf_config["architectures"][0],
                     str(self.dtype).removeprefix("torch."), self.device,
@@ -116,6 +125,17 @@ class Engine:
     @property
     def model(self) -> torch.nn.Module:
         return self.executor.model
+
+    def shutdown(self) -> None:
+        """Release the executor: a tensor-parallel engine's worker processes end here (also at
+        interpreter exit). Idempotent; the engine serves no more requests after it."""
+        self.executor.shutdown()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -5,8 +5,9 @@
     result = executor.execute_model(step_input)                          # one forward + sampling
 
 ``Executor`` is the interface the core sees; ``InProcessExecutor`` runs one model runner in this
-process. A multi-process executor (tensor parallelism) implements the same three calls by
-sending each StepInput to its workers, so the scheduler never knows how many there are.
+process. ``parallel.executor.TensorParallelExecutor`` (tensor_parallel_size > 1) implements the
+same calls by broadcasting each step's inputs to its worker ranks, so the scheduler never knows
+how many there are; ``make_executor`` picks one.
 """
 
 from __future__ import annotations
@@ -24,9 +25,29 @@ from lepton.model_executor.loader import load_model
 from lepton.model_executor.model_runner import ModelRunner
 from lepton.model_executor.step import PromptLogprobsRequest, StepInput, StepResult
 
-__all__ = ["Executor", "InProcessExecutor", "PromptLogprobsRequest", "StepInput", "StepResult"]
+__all__ = ["Executor", "ExecutorDeadError", "InProcessExecutor", "PromptLogprobsRequest", "StepInput",
+           "StepResult", "make_executor"]
 
 logger = logging.getLogger(__name__)
+
+
+class ExecutorDeadError(RuntimeError):
+    """The executor can run no more steps (a tensor-parallel worker died): the engine is done."""
+
+
+def make_executor(config: EngineConfig, model_path: Path, hf_config: dict, dtype: torch.dtype) -> "Executor":
+    """InProcessExecutor, or the tensor-parallel driver when there are several ranks: spawned
+    here (tensor_parallel_size > 1), or the ranks of a torchrun launch this process is rank 0 of."""
+    from lepton.model_executor.parallel import launch
+
+    env = launch.torchrun_env()
+    if env is not None:
+        return launch.driver_executor(env, config, model_path, hf_config, dtype)
+    if config.tensor_parallel_size > 1:
+        from lepton.model_executor.parallel.executor import TensorParallelExecutor
+
+        return TensorParallelExecutor(config, model_path, hf_config, dtype)
+    return InProcessExecutor(config, model_path, hf_config, dtype)
 
 
 class Executor(abc.ABC):

@@ -32,6 +32,8 @@ import torch
 from lepton.model_executor import models, tf_checkpoint
 from lepton.model_executor.config_checks import check_config, read_json_object
 from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
+from lepton.model_executor.parallel.loading import sharded_weights
+from lepton.model_executor.parallel.state import tp_size
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +184,13 @@ def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.de
     ``quantization`` ("int8" / "int4") its Linear layers are quantized while loading, and the LM
     head once loaded (see layers.linear.quantize_lm_head)."""
     cls = models.get_model_class(hf_config["architectures"][0])
+    if tp_size() > 1 and not getattr(cls, "supports_tensor_parallel", False):
+        raise ValueError(f"tensor_parallel_size={tp_size()}: {hf_config['architectures'][0]} has no sharded "
+                         "layers (supported: Llama, Mistral, Qwen2, Qwen3, GPT-2); use tensor_parallel_size=1")
+    if tp_size() > 1 and hf_config.get("quantization_config"):
+        raise ValueError(f"tensor_parallel_size={tp_size()}: pre-quantized (GPTQ / AWQ) checkpoints do not shard "
+                         "yet; load the float checkpoint with quantization='int8' or 'int4', or use "
+                         "tensor_parallel_size=1")
     files = safetensors_files(path)   # before the model is built: a folder without weights fails fast
     model = cls.from_config(hf_config, dtype, device)
     # A GPTQ / AWQ checkpoint's layers are repacked as its tensors stream in; quantization then
@@ -192,6 +201,9 @@ def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.de
     # Tensors arrive in the checkpoint's dtype; load_weights copies each into its parameter, and
     # copy_ casts on the way: one read and one write per weight (casting first doubles the load time).
     weights = checkpoint_weights(files, device)
+    if tp_size() > 1 and all(f.suffix == ".safetensors" for f in files):
+        # Tensor parallel: read only this rank's shard of each tensor (parallel/loading.py).
+        weights = sharded_weights(files, device, model.weight_map.shard_of)
     weights = repack(weights)
     if plan:
         weights = quantize_as_loaded(model, weights, plan)

@@ -14,6 +14,8 @@ c_b .. c_b + n_b - 1, written to slots of its block table. The caller advances n
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import numpy as np
 import torch
 
@@ -28,7 +30,24 @@ from lepton.model_executor.layers.attention_metadata import plan_attention_metad
 from lepton.model_executor.step import StepInput, StepResult
 
 
+class StepArrays(NamedTuple):
+    """One forward's inputs on the host, decodes first (see ModelRunner._plan); what a
+    tensor-parallel driver broadcasts to its workers (parallel/messages.py)."""
+
+    query_lens: np.ndarray     # [B] int64, new tokens per sequence
+    seq_lens: np.ndarray       # [B] int64, context + new tokens
+    block_tables: np.ndarray   # [B, W] int32
+    slot_mapping: np.ndarray   # [T] int64
+    input_ids: np.ndarray      # [T] int64
+    positions: np.ndarray      # [T] int64
+    logit_rows: np.ndarray     # [R] int64, rows of the hidden states the LM head reads
+
+
 class ModelRunner:
+    # Tensor parallel driver: called with each step's inputs and block copies before its forward,
+    # so the workers can run the same forward (parallel/executor.py); None otherwise.
+    on_step: Callable[[StepArrays, list[tuple[int, int]]], None] | None = None
+
     def __init__(self, model: torch.nn.Module, device: torch.device, kernels: dict[str, str] | None = None,
                  seed: int = 0):
         self.model = model
@@ -73,10 +92,13 @@ class ModelRunner:
         counts = np.array(step.num_new_tokens, dtype=np.int64)
         start = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, len(seqs))
         up = HostToDevice(self.device)
-        inputs = self._prepare(
+        arrays = self._plan(
             counts, start, lambda seq_of, pos: batch.token_ids[rows[seq_of], pos],
             lambda order: batch.block_table[rows[order], :int(batch.num_blocks[rows].max())],
-            [r.row for r in step.prompt_logprobs], up)
+            [r.row for r in step.prompt_logprobs])
+        if self.on_step is not None:
+            self.on_step(arrays, step.block_copies)
+        inputs = self._stage(arrays, up)
         sampling = None
         if step.sample_seqs:
             index = step.sample_rows
@@ -104,10 +126,35 @@ class ModelRunner:
         return StepResult(out.token_ids, out.logprobs, out.ranks, out.top_ids, out.top_logprobs, out.finite,
                           prompt_stats)
 
+    @torch.inference_mode()
+    def execute_arrays(self, arrays: StepArrays, block_copies: list[tuple[int, int]]) -> None:
+        """A tensor-parallel worker's step: the driver's inputs, the same forward and LM head (its
+        all-reduces and the logits gather pair with the driver's); nothing is sampled here."""
+        self.copy_blocks(block_copies)
+        up = HostToDevice(self.device)
+        inputs = self._stage(arrays, up)
+        up.upload()
+        input_ids, positions, meta, logit_rows = inputs()
+        with lk.engine_kernels(self.kernels):
+            hidden = self.model(input_ids, positions, meta)
+            self.model.compute_logits(hidden[logit_rows])
+
     def _prepare(self, counts: np.ndarray, start: np.ndarray, gather_tokens, gather_tables, full: list[int],
                  up: HostToDevice):
-        """Plan the step's model inputs into ``up``; returns a function that, after the upload,
-        gives (input_ids[T], positions[T], metadata, logits rows). Sequence b adds counts[b]
+        """_plan, then _stage into ``up``."""
+        return self._stage(self._plan(counts, start, gather_tokens, gather_tables, full), up)
+
+    def _stage(self, arrays: StepArrays, up: HostToDevice):
+        """Put the step's inputs into ``up``; returns a function that, after the upload, gives
+        (input_ids[T], positions[T], metadata, logits rows)."""
+        meta = plan_attention_metadata(arrays.query_lens, arrays.seq_lens, arrays.block_tables,
+                                       arrays.slot_mapping, self.block_size, up)
+        handles = [up.add(arrays.input_ids), up.add(arrays.positions), up.add(arrays.logit_rows)]
+        return lambda: (up.get(handles[0]), up.get(handles[1]), meta(), up.get(handles[2]))
+
+    def _plan(self, counts: np.ndarray, start: np.ndarray, gather_tokens, gather_tables, full: list[int]
+              ) -> StepArrays:
+        """The step's model inputs, on the host. Sequence b adds counts[b]
         tokens after start[b] computed ones; gather_tokens(seq_of, positions) reads tokens,
         gather_tables(order) the block tables of the sequences in that order. The logits rows
         are each sequence's last token, then every token of the sequences in ``full`` (prompt
@@ -125,13 +172,11 @@ class ModelRunner:
         positions = np.arange(int(cu[-1])) - cu[:-1][seq_of] + start_o[seq_of]
         block_tables = gather_tables(order)
         slot_mapping = block_tables[seq_of, positions // bs].astype(np.int64) * bs + positions % bs
-        meta = plan_attention_metadata(counts_o, start_o + counts_o, block_tables, slot_mapping, bs, up)
         first = np.empty(num_seqs, dtype=np.int64)
         first[order] = cu[:-1]
         logit_rows = np.concatenate([first + counts - 1] + [np.arange(first[b], first[b] + counts[b]) for b in full])
-        handles = [up.add(np.asarray(gather_tokens(order[seq_of], positions), dtype=np.int64)),
-                   up.add(positions), up.add(logit_rows)]
-        return lambda: (up.get(handles[0]), up.get(handles[1]), meta(), up.get(handles[2]))
+        input_ids = np.asarray(gather_tokens(order[seq_of], positions), dtype=np.int64)
+        return StepArrays(counts_o, start_o + counts_o, block_tables, slot_mapping, input_ids, positions, logit_rows)
 
     def _run(self, input_ids, positions, meta, logit_rows, counts: np.ndarray, full: list[int]
              ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:

@@ -76,6 +76,15 @@ def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_mode
                   ) -> tuple[int, int]:
     """(num_blocks, max_model_len). The cache must hold one max_model_len sequence; when it cannot
     and max_model_len was not given, max_model_len shrinks to what fits (with a warning)."""
+    num_blocks, source = cache_blocks(cfg, runner, model, dtype, max_model_len)
+    return fit_kv_cache(cfg, model, dtype, num_blocks, source, max_model_len)
+
+
+def cache_blocks(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_model_len: int,
+                 ranks_per_host: int = 1) -> tuple[int, str]:
+    """(blocks this process's budget holds, where the budget comes from). Under tensor
+    parallelism each rank sizes its own share (its KV heads only) and the smallest count wins;
+    on a CPU the ``ranks_per_host`` processes of one host split its RAM share."""
     bs = cfg.block_size
     per_block = KVCache.bytes_per_block(model.num_layers, bs, model.num_kv_heads, model.head_dim, dtype)
     if cfg.kv_cache_memory is not None:
@@ -86,9 +95,16 @@ def plan_kv_cache(cfg: EngineConfig, runner, model, dtype: torch.dtype, max_mode
         budget = gpu_cache_bytes(cfg.device, cfg.gpu_memory_utilization, peak)
         source = f"gpu_memory_utilization={cfg.gpu_memory_utilization}"
     else:
-        budget = cpu_cache_bytes(max_model_len, cfg.max_num_seqs, per_block // bs)
+        budget = cpu_cache_bytes(max_model_len, cfg.max_num_seqs, per_block // bs) // ranks_per_host
         source = "the CPU default (a share of free RAM)"
-    num_blocks = max(0, budget // per_block)
+    return max(0, budget // per_block), source
+
+
+def fit_kv_cache(cfg: EngineConfig, model, dtype: torch.dtype, num_blocks: int, source: str,
+                 max_model_len: int) -> tuple[int, int]:
+    """(num_blocks, max_model_len) for a cache of ``num_blocks`` (see plan_kv_cache)."""
+    bs = cfg.block_size
+    per_block = KVCache.bytes_per_block(model.num_layers, bs, model.num_kv_heads, model.head_dim, dtype)
     if num_blocks >= blocks_needed(max_model_len, bs):
         return num_blocks, max_model_len
     if cfg.max_model_len is None and num_blocks > 0:

@@ -122,7 +122,7 @@ ENGINE_ARGS = [
     (dict(enable_prefix_caching="yes"), "enable_prefix_caching"),
     (dict(kernels={"no_such_op": "eager"}), "kernels"), (dict(kernels={"rms_norm": "magic"}), "kernels"),
     (dict(kernels=["rms_norm"]), "kernels"), (dict(seed=-1), "seed"), (dict(quantization="fp3"), "quantization"),
-    (dict(tensor_parallel_size=2), "tensor_parallel_size"),
+    (dict(tensor_parallel_size=0), "tensor_parallel_size"),
 ]
 
 

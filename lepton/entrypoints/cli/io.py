@@ -88,6 +88,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--kernels", type=kernel_overrides, default=None,
                        help="force implementations, e.g. rms_norm=eager,paged_attention=triton")
     group.add_argument("--seed", type=int, default=0, help="random seed of the engine's sampling")
+    group.add_argument("--tensor-parallel-size", "-tp", type=positive_int, default=1,
+                       help="shard the model over this many processes (GPUs); under torchrun: its WORLD_SIZE")
 
 
 def engine_kwargs(args: argparse.Namespace) -> dict:
@@ -96,7 +98,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
                 block_size=args.block_size, kv_cache_memory=args.kv_cache_memory,
                 gpu_memory_utilization=args.gpu_memory_utilization,
                 enable_prefix_caching=args.enable_prefix_caching, quantization=args.quantization,
-                kernels=args.kernels, seed=args.seed)
+                kernels=args.kernels, seed=args.seed, tensor_parallel_size=args.tensor_parallel_size)
 
 
 def load_engine(args: argparse.Namespace):

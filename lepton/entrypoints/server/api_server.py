@@ -62,6 +62,9 @@ def build_app(engine, *, served_model_name: list[str] | None = None, api_keys: l
         st.offload.shutdown()   # queued tokenizing is dropped: nobody waits for it any more
         if st.async_engine is not None:   # in-flight requests end with finish_reason "abort"
             await asyncio.get_running_loop().run_in_executor(None, st.async_engine.shutdown)
+            # Tensor parallel: the worker ranks end here, with the app (uvicorn re-raises SIGTERM
+            # once the app is down: nothing after server.run() would run).
+            await asyncio.get_running_loop().run_in_executor(None, st.async_engine.engine.shutdown)
 
     app = FastAPI(title="lepton", version="0.1.0", lifespan=lifespan)
     app.router.route_class = JSONRoute   # large bodies parsed in short hold of the GIL

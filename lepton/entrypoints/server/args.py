@@ -140,6 +140,13 @@ def run_serve(args: argparse.Namespace) -> int:
         except OSError as err:
             print(f"lepton serve: cannot read --chat-template: {err.strerror}", file=sys.stderr)
             return 2
+    from lepton.model_executor.parallel.launch import run_worker_from_env, torchrun_env
+
+    launch = torchrun_env()
+    if launch is not None and launch.rank != 0:   # torchrun: rank 0 serves HTTP, the others mirror it
+        print(f"lepton: rank {launch.rank} of {launch.world_size}: loading its shard of {args.model}", flush=True)
+        run_worker_from_env(launch, args.model, engine_kwargs(args))
+        return 0
     print(f"lepton: loading {args.model} ...", flush=True)
     progress = logging.StreamHandler(sys.stdout)   # the loader reports each shard as it is read
     progress.setFormatter(logging.Formatter("lepton: %(message)s"))
@@ -180,6 +187,7 @@ def run_serve(args: argparse.Namespace) -> int:
     gc.collect()
     gc.freeze()
     server.run()
+    engine.shutdown()   # tensor parallel: the worker ranks end with the server
     return 0
 
 

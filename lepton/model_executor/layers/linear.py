@@ -190,10 +190,17 @@ def quantization_plan(model: nn.Module, method: str) -> list[tuple[str, Linear, 
             continue
         group = None
         if bits == 4:
-            group = int4_group(layer.in_features)
+            # A row-parallel layer (tensor parallel) holds in_features of its full_in_features
+            # inputs: its groups are the unsharded layer's, so each shard must end on a boundary.
+            full = getattr(layer, "full_in_features", layer.in_features)
+            group = int4_group(full)
             if group is None:
-                raise ValueError(f"quantization='int4': layer {name} has {layer.in_features} inputs, "
-                                 "not a multiple of 32")
+                raise ValueError(f"quantization='int4': layer {name} has {full} inputs, not a multiple of 32")
+            if layer.in_features % group:
+                raise ValueError(f"quantization='int4' with tensor parallelism: layer {name} keeps "
+                                 f"{layer.in_features} of its {full} inputs per rank, not a multiple of its "
+                                 f"int4 group ({group}); use a tensor_parallel_size that splits {full} into "
+                                 f"multiples of {group}, or quantization='int8'")
         plan.append((name, layer, bits, group))
     if not plan:
         raise ValueError(f"quantization={method!r}: {type(model).__name__} has no quantizable linear layers")

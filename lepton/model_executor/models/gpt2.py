@@ -5,6 +5,10 @@ a plain MLP with gelu (tanh form, "gelu_new") and the LM head tied to the token 
 HF stores GPT-2's projections as Conv1D, weight [in, out]: they are transposed on load.
 Attention scale 1/sqrt(D) (scale_attn_weights), divided by layer index + 1 when
 scale_attn_by_inverse_layer_idx.
+
+Under tensor parallelism (parallel/layers.py) c_attn and c_fc are column-parallel (c_attn's one
+q|k|v tensor is cut into this rank's heads of each part), both c_proj row-parallel, wte
+vocab-parallel (embedding and tied head); wpe and the LayerNorms are replicated.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from torch import nn
 
 from lepton.model_executor.layers.activation import activation
 from lepton.model_executor.layers.attention import Attention, AttentionMetadata
-from lepton.model_executor.layers.linear import Linear
 from lepton.model_executor.layers.norm import LayerNorm
-from lepton.model_executor.models.weights import MappedWeights, WeightMap, require_config
+from lepton.model_executor.models.weights import MappedWeights, WeightMap, map_linear, require_config
+from lepton.model_executor.parallel.layers import (VocabParallel, column_parallel_linear, row_parallel_linear,
+                                                   split_evenly)
 
 # Causal-mask buffers that older GPT-2 checkpoints saved next to the weights.
 _IGNORED = (r"(^|\.)attn\.(masked_)?bias$",)
@@ -27,10 +32,12 @@ _IGNORED = (r"(^|\.)attn\.(masked_)?bias$",)
 class GPT2Attention(nn.Module):
     def __init__(self, config: dict, layer_idx: int, dtype, device):
         super().__init__()
-        hidden, self.num_heads = config["n_embd"], config["n_head"]
-        self.head_dim = hidden // self.num_heads
-        self.c_attn = Linear(hidden, [hidden, hidden, hidden], True, dtype, device)
-        self.c_proj = Linear(hidden, hidden, True, dtype, device)
+        hidden, num_heads = config["n_embd"], config["n_head"]
+        self.head_dim = hidden // num_heads
+        start, self.num_heads = split_evenly(num_heads, "n_head")        # this rank's heads
+        heads = (start * self.head_dim, self.num_heads * self.head_dim)
+        self.c_attn = column_parallel_linear(hidden, [hidden, hidden, hidden], True, dtype, device, [heads] * 3)
+        self.c_proj = row_parallel_linear(hidden, hidden, True, dtype, device, heads)
         scale = self.head_dim ** -0.5 if config.get("scale_attn_weights", True) else 1.0
         if config.get("scale_attn_by_inverse_layer_idx", False):
             scale /= layer_idx + 1
@@ -51,8 +58,8 @@ class GPT2Block(nn.Module):
         self.ln_1 = LayerNorm(hidden, eps, dtype=dtype, device=device)
         self.attn = GPT2Attention(config, layer_idx, dtype, device)
         self.ln_2 = LayerNorm(hidden, eps, dtype=dtype, device=device)
-        self.c_fc = Linear(hidden, inner, True, dtype, device)
-        self.c_proj = Linear(inner, hidden, True, dtype, device)
+        self.c_fc = column_parallel_linear(hidden, inner, True, dtype, device)
+        self.c_proj = row_parallel_linear(inner, hidden, True, dtype, device)
         self.act = activation(config.get("activation_function", "gelu_new"))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -66,6 +73,8 @@ class GPT2Block(nn.Module):
 
 
 class GPT2LMHeadModel(MappedWeights, nn.Module):
+    supports_tensor_parallel = True   # its layers shard (parallel/layers.py)
+
     def __init__(self, config: dict, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         require_config(config, "GPT-2", "n_embd", "n_layer", "n_head", "vocab_size")
@@ -79,13 +88,14 @@ class GPT2LMHeadModel(MappedWeights, nn.Module):
         def param(*shape: int) -> nn.Parameter:
             return nn.Parameter(torch.empty(*shape, dtype=dtype, device=device), requires_grad=False)
 
-        self.wte = param(self.vocab_size, hidden)
+        self.vocab = VocabParallel(self.vocab_size)
+        self.wte = self.vocab.parameter(hidden, dtype, device)            # [V / ranks, H]
         self.wpe = param(self.max_position_embeddings, hidden)
         self.h = nn.ModuleList(GPT2Block(config, i, dtype, device) for i in range(self.num_layers))
         self.ln_f = LayerNorm(hidden, config.get("layer_norm_epsilon", 1e-5), dtype=dtype, device=device)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", True))
         self.lm_head_packed = None   # set by layers.linear.prepack_model on CPU
-        self.lm_head = self.wte if self.tie_word_embeddings else param(self.vocab_size, hidden)
+        self.lm_head = self.wte if self.tie_word_embeddings else self.vocab.parameter(hidden, dtype, device)
         self.num_kv_heads, self.head_dim = self.h[0].attn.num_heads, self.h[0].attn.head_dim
         self.weight_map = self._build_weight_map()
 
@@ -95,17 +105,17 @@ class GPT2LMHeadModel(MappedWeights, nn.Module):
 
     def _build_weight_map(self) -> WeightMap:
         wm = WeightMap(prefixes=("transformer.",), ignore=_IGNORED)
-        wm.add("transformer.wte.weight", self.wte)
+        vocab_rows, vocab_shard = self.vocab.local_rows(), self.vocab.shard()
+        wm.add("transformer.wte.weight", self.wte, vocab_rows, shard=vocab_shard)
         wm.add("transformer.wpe.weight", self.wpe)
-        wm.add("lm_head.weight", self.lm_head, optional=self.tie_word_embeddings)
+        wm.add("lm_head.weight", self.lm_head, vocab_rows, optional=self.tie_word_embeddings, shard=vocab_shard)
         norms = [("transformer.ln_f", self.ln_f)]
         for i, block in enumerate(self.h):
             p = f"transformer.h.{i}."
             norms += [(p + "ln_1", block.ln_1), (p + "ln_2", block.ln_2)]
             for name, linear in (("attn.c_attn", block.attn.c_attn), ("attn.c_proj", block.attn.c_proj),
                                  ("mlp.c_fc", block.c_fc), ("mlp.c_proj", block.c_proj)):
-                wm.add(f"{p}{name}.weight", linear.weight, transpose=True)
-                wm.add(f"{p}{name}.bias", linear.bias)
+                map_linear(wm, p + name, linear, transpose=True, bias=True)
         for name, norm in norms:
             wm.add(f"{name}.weight", norm.weight)
             wm.add(f"{name}.bias", norm.bias)
@@ -115,13 +125,14 @@ class GPT2LMHeadModel(MappedWeights, nn.Module):
         return [block.attn.attn for block in self.h]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = F.embedding(input_ids, self.wte) + F.embedding(positions, self.wpe), None   # [T, H]
+        x, residual = self.vocab.embed(input_ids, self.wte) + F.embedding(positions, self.wpe), None   # [T, H]
         for block in self.h:
             x, residual = block(x, residual, meta)
         x, _ = self.ln_f(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] float32 (tensor parallel: on rank 0; the others get their shard)."""
         if self.lm_head_packed is not None:                                 # CPU, see layers/linear.py
-            return self.lm_head_packed(hidden).float()
-        return F.linear(hidden, self.lm_head).float()                      # [N, V]
+            return self.vocab.gather(self.lm_head_packed(hidden).float())
+        return self.vocab.gather(F.linear(hidden, self.lm_head).float())   # [N, V]

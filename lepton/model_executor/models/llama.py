@@ -10,6 +10,10 @@ Every model: head_dim (default hidden_size / heads), GQA, tied or untied embeddi
 
 Token batches are flattened: input_ids[T], positions[T], one AttentionMetadata for all layers.
 q/k/v and gate/up are fused projections, filled from the separate HF tensors.
+
+Under tensor parallelism (parallel/layers.py) qkv and gate_up are column-parallel (this rank's
+heads, this rank's slice of the intermediate size), o_proj and down_proj row-parallel (one
+all-reduce each per layer), the embedding and LM head vocab-parallel; norms and RoPE replicated.
 """
 
 from __future__ import annotations
@@ -21,10 +25,11 @@ from torch import nn
 
 from lepton.model_executor.layers.activation import gated_activation
 from lepton.model_executor.layers.attention import Attention, AttentionMetadata
-from lepton.model_executor.layers.linear import Linear
 from lepton.model_executor.layers.norm import RMSNorm
 from lepton.model_executor.layers.rotary import RotaryEmbedding, rope_max_positions, rope_parameters
-from lepton.model_executor.models.weights import MappedWeights, WeightMap, require_config
+from lepton.model_executor.models.weights import MappedWeights, WeightMap, map_linear, require_config
+from lepton.model_executor.parallel.layers import (VocabParallel, column_parallel_linear, kv_head_shard,
+                                                   row_parallel_linear, split_evenly)
 
 _IGNORED = (r"rotary_emb\.inv_freq$",)
 
@@ -45,15 +50,20 @@ def _layer_windows(config: dict) -> list[int | None]:
 class LlamaAttention(nn.Module):
     def __init__(self, config: dict, rotary_emb: RotaryEmbedding, sliding_window: int | None, dtype, device):
         super().__init__()
-        hidden, self.num_heads = config["hidden_size"], config["num_attention_heads"]
-        self.num_kv_heads = config.get("num_key_value_heads") or self.num_heads
-        self.head_dim = config.get("head_dim") or hidden // self.num_heads
+        hidden, num_heads = config["hidden_size"], config["num_attention_heads"]
+        num_kv_heads = config.get("num_key_value_heads") or num_heads
+        self.head_dim = d = config.get("head_dim") or hidden // num_heads
         qwen2 = config.get("model_type") == "qwen2"
-        qkv_bias = True if qwen2 else bool(config.get("attention_bias", False))
-        o_bias = False if qwen2 else bool(config.get("attention_bias", False))
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        self.qkv_proj = Linear(hidden, [q_size, kv_size, kv_size], qkv_bias, dtype, device)
-        self.o_proj = Linear(q_size, hidden, o_bias, dtype, device)
+        self.qkv_bias = True if qwen2 else bool(config.get("attention_bias", False))
+        self.o_bias = False if qwen2 else bool(config.get("attention_bias", False))
+        # This rank's heads (all of them without tensor parallelism).
+        q_start, self.num_heads = split_evenly(num_heads, "num_attention_heads")
+        kv_start, self.num_kv_heads = kv_head_shard(num_heads, num_kv_heads)
+        q_range, kv_range = (q_start * d, self.num_heads * d), (kv_start * d, self.num_kv_heads * d)
+        q_size, kv_size = num_heads * d, num_kv_heads * d
+        self.qkv_proj = column_parallel_linear(hidden, [q_size, kv_size, kv_size], self.qkv_bias, dtype, device,
+                                               [q_range, kv_range, kv_range])
+        self.o_proj = row_parallel_linear(q_size, hidden, self.o_bias, dtype, device, q_range)
         self.qk_norm = config.get("model_type") == "qwen3"
         if self.qk_norm:
             eps = config.get("rms_norm_eps", 1e-6)
@@ -79,9 +89,9 @@ class LlamaAttention(nn.Module):
 class LlamaMLP(nn.Module):
     def __init__(self, config: dict, dtype, device):
         super().__init__()
-        hidden, inter, bias = config["hidden_size"], config["intermediate_size"], bool(config.get("mlp_bias"))
-        self.gate_up_proj = Linear(hidden, [inter, inter], bias, dtype, device)
-        self.down_proj = Linear(inter, hidden, bias, dtype, device)
+        hidden, inter, self.bias = config["hidden_size"], config["intermediate_size"], bool(config.get("mlp_bias"))
+        self.gate_up_proj = column_parallel_linear(hidden, [inter, inter], self.bias, dtype, device)
+        self.down_proj = row_parallel_linear(inter, hidden, self.bias, dtype, device)
         self.act = gated_activation(config.get("hidden_act", "silu"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -109,6 +119,8 @@ class LlamaDecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(MappedWeights, nn.Module):
+    supports_tensor_parallel = True   # its layers shard (parallel/layers.py)
+
     def __init__(self, config: dict, dtype: torch.dtype = torch.float32, device=None):
         super().__init__()
         require_config(config, "Llama-family model", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -123,16 +135,16 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
         windows = _layer_windows(config)
         # The cache can only be trimmed to a window when every layer slides.
         self.sliding_window = windows[0] if windows and None not in windows and len(set(windows)) == 1 else None
-        self.embed_tokens = nn.Parameter(torch.empty(self.vocab_size, hidden, dtype=dtype, device=device),
-                                         requires_grad=False)
+        self.vocab = VocabParallel(self.vocab_size)
+        self.embed_tokens = self.vocab.parameter(hidden, dtype, device)       # [V / ranks, H]
         head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
         self.rotary_emb = RotaryEmbedding(head_dim, config["max_position_embeddings"], rope, True, dtype, device)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, self.rotary_emb, w, dtype, device) for w in windows)
         self.norm = RMSNorm(hidden, config.get("rms_norm_eps", 1e-6), dtype, device)
         self.tie_word_embeddings = bool(config.get("tie_word_embeddings", False))
         self.lm_head_packed = None   # set by layers.linear.prepack_model on CPU
-        self.lm_head = self.embed_tokens if self.tie_word_embeddings else nn.Parameter(
-            torch.empty(self.vocab_size, hidden, dtype=dtype, device=device), requires_grad=False)
+        self.lm_head = (self.embed_tokens if self.tie_word_embeddings
+                        else self.vocab.parameter(hidden, dtype, device))
         attn = self.layers[0].self_attn
         self.num_kv_heads, self.head_dim = attn.num_kv_heads, attn.head_dim
         self.weight_map = self._build_weight_map()
@@ -143,23 +155,18 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
 
     def _build_weight_map(self) -> WeightMap:
         wm = WeightMap(prefixes=("model.",), ignore=_IGNORED)
-        wm.add("model.embed_tokens.weight", self.embed_tokens)
+        vocab_rows, vocab_shard = self.vocab.local_rows(), self.vocab.shard()
+        wm.add("model.embed_tokens.weight", self.embed_tokens, vocab_rows, shard=vocab_shard)
         wm.add("model.norm.weight", self.norm.weight)
-        wm.add("lm_head.weight", self.lm_head, optional=self.tie_word_embeddings)
+        wm.add("lm_head.weight", self.lm_head, vocab_rows, optional=self.tie_word_embeddings, shard=vocab_shard)
         for i, layer in enumerate(self.layers):
             p, attn, mlp = f"model.layers.{i}.", layer.self_attn, layer.mlp
             for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-                wm.add(f"{p}self_attn.{name}.weight", attn.qkv_proj.weight, attn.qkv_proj.part_rows(j))
-                if attn.qkv_proj.bias is not None:
-                    wm.add(f"{p}self_attn.{name}.bias", attn.qkv_proj.bias, attn.qkv_proj.part_rows(j))
+                map_linear(wm, f"{p}self_attn.{name}", attn.qkv_proj, j, bias=attn.qkv_bias)
             for j, name in enumerate(("gate_proj", "up_proj")):
-                wm.add(f"{p}mlp.{name}.weight", mlp.gate_up_proj.weight, mlp.gate_up_proj.part_rows(j))
-                if mlp.gate_up_proj.bias is not None:
-                    wm.add(f"{p}mlp.{name}.bias", mlp.gate_up_proj.bias, mlp.gate_up_proj.part_rows(j))
-            for name, linear in (("self_attn.o_proj", attn.o_proj), ("mlp.down_proj", mlp.down_proj)):
-                wm.add(f"{p}{name}.weight", linear.weight)
-                if linear.bias is not None:
-                    wm.add(f"{p}{name}.bias", linear.bias)
+                map_linear(wm, f"{p}mlp.{name}", mlp.gate_up_proj, j, bias=mlp.bias)
+            map_linear(wm, f"{p}self_attn.o_proj", attn.o_proj, bias=attn.o_bias)
+            map_linear(wm, f"{p}mlp.down_proj", mlp.down_proj, bias=mlp.bias)
             wm.add(f"{p}input_layernorm.weight", layer.input_layernorm.weight)
             wm.add(f"{p}post_attention_layernorm.weight", layer.post_attention_layernorm.weight)
             if attn.qk_norm:
@@ -171,13 +178,14 @@ class LlamaForCausalLM(MappedWeights, nn.Module):
         return [layer.self_attn.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
-        x, residual = F.embedding(input_ids, self.embed_tokens), None     # [T, H]
+        x, residual = self.vocab.embed(input_ids, self.embed_tokens), None     # [T, H]
         for layer in self.layers:
             x, residual = layer(positions, x, residual, meta)
         x, _ = self.norm(x, residual)
         return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, H] -> [N, V] float32 (tensor parallel: on rank 0; the others get their shard)."""
         if self.lm_head_packed is not None:                                 # CPU, see layers/linear.py
-            return self.lm_head_packed(hidden).float()
-        return F.linear(hidden, self.lm_head).float()                      # [N, V]
+            return self.vocab.gather(self.lm_head_packed(hidden).float())
+        return self.vocab.gather(F.linear(hidden, self.lm_head).float())   # [N, V]

@@ -4,6 +4,11 @@ A model lists, for every tensor name of its Hugging Face checkpoint, where the t
 parameter, or a row range of a fused parameter (q/k/v -> qkv_proj), optionally transposed
 (GPT-2's Conv1D stores [in, out]). ``WeightMap.load`` copies tensors in (cast to the
 parameter's dtype and device by ``copy_``), and ``check_loaded`` names whatever is still missing.
+
+Under tensor parallelism a target also carries its :class:`Shard` (parallel/layers.py): the part
+of the checkpoint tensor this rank keeps. The sharded loader reads only that part (``shard_of``);
+a whole tensor from any other source is cut here. ``skip`` names tensors this rank does not hold
+at all (a row-parallel bias lives on rank 0 only).
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ from dataclasses import dataclass
 from typing import Iterable
 
 import torch
+
+from lepton.model_executor.parallel.layers import ColumnParallelLinear, RowParallelLinear, Shard
 
 
 def require_config(config: dict, architecture: str, *keys: str) -> None:
@@ -27,6 +34,7 @@ class _Target:
     param: torch.Tensor
     rows: slice | None = None      # None: the whole parameter
     transpose: bool = False
+    shard: Shard | None = None     # this rank's part of the checkpoint tensor (tensor parallel)
 
 
 class WeightMap:
@@ -51,11 +59,26 @@ class WeightMap:
         self.loaded: set[str] = set()
 
     def add(self, name: str, param: torch.Tensor, rows: slice | None = None, transpose: bool = False,
-            optional: bool = False) -> None:
+            optional: bool = False, shard: Shard | None = None) -> None:
         """``optional``: load it when present, don't require it (a tied lm_head saved anyway)."""
-        self.targets[name] = _Target(param, rows, transpose)
+        self.targets[name] = _Target(param, rows, transpose, shard)
         if optional:
             self.optional.add(name)
+
+    def skip(self, name: str) -> None:
+        """A checkpoint tensor this rank does not keep: consumed, never copied, not required."""
+        self.targets[name] = _Target(None)
+        self.optional.add(name)
+
+    def shard_of(self, name: str) -> Shard | None | bool:
+        """What a sharded reader should read of checkpoint tensor ``name``: its Shard, None for
+        all of it, False for nothing (a skipped tensor; unknown names are read whole, so that
+        load() reports them)."""
+        key = self._resolve(name)
+        if key is None:
+            return None
+        target = self.targets[key]
+        return False if target.param is None else target.shard
 
     def expected_names(self) -> set[str]:
         return set(self.targets) - self.optional
@@ -77,7 +100,8 @@ class WeightMap:
                 if not any(p.search(name) for p in self.ignore):
                     unexpected.append(name)
                 continue
-            self._copy(name, self.targets[key], tensor)
+            if self.targets[key].param is not None:
+                self._copy(name, self.targets[key], tensor)
             self.loaded.add(key)
             consumed.add(name)
         if unexpected:
@@ -90,6 +114,9 @@ class WeightMap:
         if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
             raise ValueError(f"checkpoint tensor {name!r} must be a floating-point tensor, got "
                              f"{getattr(tensor, 'dtype', type(tensor).__name__)}")
+        shard = target.shard
+        if shard is not None and tensor.dim() > shard.dim and tensor.shape[shard.dim] == shard.full:
+            tensor = shard.take(tensor)   # a whole tensor (not read through shard_of): cut it here
         if target.transpose:
             tensor = tensor.t()
         dest = target.param.data if target.rows is None else target.param.data[target.rows]
@@ -108,6 +135,27 @@ class WeightMap:
         if missing:
             shown = ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else "")
             raise ValueError(f"checkpoint is missing {len(missing)} tensor(s): {shown}")
+
+
+def map_linear(wm: WeightMap, name: str, layer, part: int | None = None, transpose: bool = False,
+               bias: bool = False) -> None:
+    """Map checkpoint ``name``.weight (and ``name``.bias when ``bias``) into ``layer``: into the
+    rows of fused part ``part`` when given, with this rank's Shard under tensor parallelism."""
+    rows = None if part is None else layer.part_rows(part)
+    shard = None
+    if isinstance(layer, ColumnParallelLinear):
+        shard = layer.shard(part, transpose)
+    elif isinstance(layer, RowParallelLinear):
+        shard = layer.shard(transpose)
+    wm.add(f"{name}.weight", layer.weight, rows, transpose=transpose, shard=shard)
+    if not bias:
+        return
+    if layer.bias is None:   # a row-parallel bias: rank 0 adds it once, after the all-reduce
+        wm.skip(f"{name}.bias")
+    else:
+        bias_shard = None if shard is None or isinstance(layer, RowParallelLinear) else (
+            layer.shard(part, transpose=False))
+        wm.add(f"{name}.bias", layer.bias, rows, shard=bias_shard)
 
 
 class MappedWeights:
