@@ -22,9 +22,9 @@ _DTYPE_NAMES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-# int8 / int4 quantize a float checkpoint at load; gptq / awq name the method of an already
-# quantized checkpoint (None detects it from config.json).
-QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq")
+# int8 / int4 quantize a float checkpoint at load; gptq / awq / compressed-tensors name the method
+# of an already quantized checkpoint (None detects it from config.json).
+QUANTIZATION_METHODS = ("int8", "int4", "gptq", "awq", "compressed-tensors")
 
 
 def check_int(name: str, value, minimum: int, *, optional: bool = False) -> None:

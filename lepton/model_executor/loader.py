@@ -19,6 +19,7 @@ arbitrary code. Nothing from the checkpoint is ever executed (no remote code).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -31,7 +32,7 @@ import torch
 
 from lepton.model_executor import models, tf_checkpoint
 from lepton.model_executor.config_checks import check_config, read_json_object
-from lepton.model_executor.layers.linear import Linear, quantization_plan, quantize_lm_head
+from lepton.model_executor.layers.linear import Linear, deferred_weights, quantization_plan, quantize_lm_head
 from lepton.model_executor.parallel.loading import sharded_weights
 from lepton.model_executor.parallel.state import tp_size
 
@@ -192,7 +193,10 @@ def load_model(path: Path, hf_config: dict, dtype: torch.dtype, device: torch.de
                          "yet; load the float checkpoint with quantization='int8' or 'int4', or use "
                          "tensor_parallel_size=1")
     files = safetensors_files(path)   # before the model is built: a folder without weights fails fast
-    model = cls.from_config(hf_config, dtype, device)
+    # Linear weights that will be packed while loading get storage only when their tensors arrive.
+    replaced = quantization is not None or hf_config.get("quantization_config") is not None
+    with deferred_weights() if replaced else contextlib.nullcontext():
+        model = cls.from_config(hf_config, dtype, device)
     # A GPTQ / AWQ checkpoint's layers are repacked as its tensors stream in; quantization then
     # comes back None, as nothing is left to quantize (quantized_checkpoints/loading.py).
     from lepton.model_executor.quantized_checkpoints.loading import checkpoint_repacker

@@ -96,8 +96,8 @@ def format_report() -> list[str]:
     int8_groups, row_group = (qw for _, qw in checkpoint_format_weights("cpu", torch.float32, g))
     formats = [
         ("int8 per output channel (quantization='int8')", quantize(w, 8)),
-        ("int4 groups of 32/64/128 (quantization='int4', awq, gptq 4-bit)", quantize(w, 4, 32)),
-        ("int8 groups + zero points (gptq 8-bit)", dataclasses.replace(int8_groups, perm=None)),
+        ("int4 groups of 32/64/128 (quantization='int4', awq, gptq / compressed-tensors 4-bit)", quantize(w, 4, 32)),
+        ("int8 groups + zero points (gptq / compressed-tensors 8-bit)", dataclasses.replace(int8_groups, perm=None)),
         ("int4 one group per row (gptq group_size -1)", dataclasses.replace(row_group, perm=None)),
         ("act-order input permutation (gptq desc_act)", row_group),
     ]

@@ -83,8 +83,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                        help="fraction of GPU memory for weights and KV cache")
     group.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    group.add_argument("--quantization", default=None, help="int8 or int4: quantize the weights at load; GPTQ / AWQ "
-                       "checkpoints are detected from config.json (or name gptq / awq)")
+    group.add_argument("--quantization", default=None,
+                       help="int8 or int4: quantize the weights at load; GPTQ / AWQ / compressed-tensors "
+                       "checkpoints are detected from config.json (or name gptq / awq / compressed-tensors)")
     group.add_argument("--kernels", type=kernel_overrides, default=None,
                        help="force implementations, e.g. rms_norm=eager,paged_attention=triton")
     group.add_argument("--seed", type=int, default=0, help="random seed of the engine's sampling")

@@ -15,6 +15,9 @@ dominates decode-sized matmuls (measured here: a 32000x512 lm_head at 8 rows 11.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -90,16 +93,51 @@ class PackedWeight:
         return torch._C._nn.mkldnn_linear(x.contiguous().to_mkldnn(), self.weight, self.bias).to_dense()
 
 
+_deferral = threading.local()
+
+
+@contextlib.contextmanager
+def deferred_weights():
+    """Linear layers built inside get their weight on the meta device, and storage on their real
+    device only when the loader copies a checkpoint tensor into it (:func:`materialize`).
+
+    The loader builds a model this way when its Linear weights will be replaced while loading
+    (quantized as each layer's tensors arrive, or by a GPTQ / AWQ checkpoint's packed weights).
+    On a CPU an unwritten torch.empty costs no memory, but on CUDA it is allocated at once: the
+    whole float model would sit in GPU memory before the first layer was packed. Deferred, float
+    storage peaks near one fused layer's weight (or none, for packed checkpoints)."""
+    previous = getattr(_deferral, "active", False)
+    _deferral.active = True
+    try:
+        yield
+    finally:
+        _deferral.active = previous
+
+
+def materialize(param: nn.Parameter) -> None:
+    """Give a deferred (meta) weight uninitialized storage on the device it was built for."""
+    if param.is_meta:
+        real = nn.Parameter(torch.empty(param.shape, dtype=param.dtype, device=param.deferred_device),
+                            requires_grad=False)
+        # In place, so the weight map and the layer keep this Parameter object (a meta tensor's
+        # .data cannot be set to a real one).
+        torch.utils.swap_tensors(param, real)
+
+
 class Linear(nn.Module):
-    """x[T, in_features] -> [T, sum(output_sizes)]; weights are allocated, not initialized."""
+    """x[T, in_features] -> [T, sum(output_sizes)]; weights are allocated, not initialized
+    (inside :func:`deferred_weights`, not even allocated until the loader fills them)."""
 
     def __init__(self, in_features: int, output_sizes: int | list[int], bias: bool = False,
                  dtype: torch.dtype | None = None, device=None):
         super().__init__()
         self.output_sizes = [output_sizes] if isinstance(output_sizes, int) else list(output_sizes)
         self.in_features, self.out_features = in_features, sum(self.output_sizes)
-        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype, device=device),
-                                   requires_grad=False)
+        deferred = getattr(_deferral, "active", False)
+        self.weight = nn.Parameter(torch.empty(self.out_features, in_features, dtype=dtype,
+                                               device="meta" if deferred else device), requires_grad=False)
+        if deferred:
+            self.weight.deferred_device = torch.device("cpu") if device is None else torch.device(device)
         self.bias = (nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.qweight = None   # lepton_kernels QuantizedWeight once quantized

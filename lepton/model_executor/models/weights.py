@@ -19,6 +19,7 @@ from typing import Iterable
 
 import torch
 
+from lepton.model_executor.layers.linear import materialize
 from lepton.model_executor.parallel.layers import ColumnParallelLinear, RowParallelLinear, Shard
 
 
@@ -119,6 +120,7 @@ class WeightMap:
             tensor = shard.take(tensor)   # a whole tensor (not read through shard_of): cut it here
         if target.transpose:
             tensor = tensor.t()
+        materialize(target.param)   # a deferred Linear weight gets its storage now
         dest = target.param.data if target.rows is None else target.param.data[target.rows]
         if tuple(tensor.shape) != tuple(dest.shape):
             raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(tensor.shape)}, "

@@ -1,11 +1,14 @@
-"""Repack a GPTQ / AWQ checkpoint into the model's Linear layers while its tensors stream in.
+"""Repack a GPTQ / AWQ / compressed-tensors checkpoint into the model's Linear layers while its
+tensors stream in.
 
     wrap, quantization = checkpoint_repacker(model, hf_config, quantization)
     weights = wrap(weights)
 
 ``wrap`` wraps the loader's (name, tensor) stream: a projection's quantized tensors
-(``<prefix>.qweight / .qzeros / .scales / .g_idx``) are held back, and as soon as every part of
-a Linear has arrived (q, k and v for a fused qkv_proj) they are converted (gptq.py, awq.py),
+(``<prefix>.qweight / .qzeros / .scales / .g_idx``, or compressed-tensors'
+``<prefix>.weight_packed / .weight_scale / .weight_shape / .weight_zero_point``) are held back,
+and as soon as every part of a Linear has arrived (q, k and v for a fused qkv_proj) they are
+converted (gptq.py, awq.py, compressed_tensors.py),
 concatenated along N, prepared for the device's quant_matmul kernel, and set as the layer's
 ``qweight``; its float weight is freed and the model's weight map counts ``<prefix>.weight`` as
 loaded. Everything else (embeddings, norms, the LM head, biases, layers the checkpoint kept in
@@ -23,17 +26,22 @@ from lepton.model_executor.layers.linear import Linear
 from lepton_kernels.ops.quant_matmul import prepare_quantized
 from lepton_kernels.ops.quantize import QuantizedWeight
 
+from . import compressed_tensors
 from .awq import awq_weight
 from .config import CHECKPOINT_METHODS, QuantSpec, read_quant_spec
 from .gptq import check_default_g_idx, gptq_weight
 
 QUANTIZED_SUFFIXES = ("qweight", "qzeros", "scales", "g_idx")
+# method -> (the tensor name suffixes it reads, the converter of one projection's tensors)
+READERS = {"gptq": (QUANTIZED_SUFFIXES, gptq_weight), "awq": (QUANTIZED_SUFFIXES, awq_weight),
+           "compressed-tensors": (compressed_tensors.SUFFIXES,
+                                  compressed_tensors.compressed_tensors_weight)}
 Tensors = Iterator[tuple[str, torch.Tensor]]
 
 
 def checkpoint_repacker(model: torch.nn.Module, hf_config: dict, quantization: str | None
                         ) -> tuple[Callable[[Tensors], Tensors], str | None]:
-    """(wrap, quantization) for the rest of load_model: for a GPTQ / AWQ checkpoint, ``wrap``
+    """(wrap, quantization) for the rest of load_model: for a quantized checkpoint, ``wrap``
     turns the weight stream into the repacking one described above and quantization comes back
     None (nothing is left to quantize); for a float checkpoint, ``wrap`` passes the stream as is.
     ValueError, before anything loads, when ``quantization`` contradicts the checkpoint."""
@@ -106,20 +114,26 @@ class Repacker:
         for key, (layer, part) in sorted(self.parts.items(), key=lambda kv: kv[1][1]):
             self.part_keys.setdefault(layer, []).append(key)
         self.pending: dict[str, dict[str, torch.Tensor]] = {}   # part key -> suffix -> tensor
-        self.required = {"qweight", "qzeros", "scales"} | (
-            {"g_idx"} if spec.method == "gptq" and spec.desc_act else set())
+        self.suffixes, self.convert = READERS[spec.method]
+        if spec.method == "compressed-tensors":
+            self.required = compressed_tensors.required_suffixes(spec)
+        else:
+            self.required = {"qweight", "qzeros", "scales"} | (
+                {"g_idx"} if spec.method == "gptq" and spec.desc_act else set())
 
     def stream(self, weights: Tensors) -> Tensors:
         for name, tensor in weights:
             prefix, _, suffix = name.rpartition(".")
-            if suffix in QUANTIZED_SUFFIXES:
+            if suffix in self.suffixes:
                 self.add(name, prefix, suffix, tensor)
             elif not (suffix == "bias" and self.is_spare_bias(name, prefix, tensor)):
                 yield name, tensor
         if self.pending:
             missing = sorted(f"{key.removesuffix('.weight')}.{s}" for key, got in self.pending.items()
                              for s in self.required - set(got))
-            missing += sorted(f"{key.removesuffix('.weight')}.qweight" for key in self.waiting_parts())
+            first = "weight_packed" if self.spec.method == "compressed-tensors" else "qweight"
+            missing += sorted(f"{key.removesuffix('.weight')}.{first}"
+                              for key in self.waiting_parts())
             raise ValueError(f"checkpoint lacks {len(missing)} quantized tensor(s): "
                              f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''}")
 
@@ -134,26 +148,34 @@ class Repacker:
             raise ValueError(f"checkpoint tensor {name!r} is quantized, but {prefix} is not a "
                              "linear layer of this model (lepton keeps embeddings and LM heads in float)")
         layer, _ = self.parts[key]
+        if suffix not in self.required:   # before the check below: it may come after the rest
+            self.extra_tensor(name, suffix, layer, tensor)
+            return
         if layer.qweight is not None:
             raise ValueError(f"checkpoint tensor {name!r} arrived after its layer was built "
                              "(a duplicate tensor?)")
-        if suffix == "g_idx" and "g_idx" not in self.required:
-            if self.spec.method != "gptq":
-                raise ValueError(f"checkpoint tensor {name!r}: AWQ checkpoints have no g_idx")
-            # Without act-order nothing is permuted: g_idx must be the plain k // group_size.
-            check_default_g_idx(name, tensor, layer.in_features, self.spec.group_size)
-            return
         self.pending.setdefault(key, {})[suffix] = tensor
         keys = self.part_keys[layer]
         if all(self.required <= self.pending.get(k, {}).keys() for k in keys):
             self.build(layer, keys)
 
+    def extra_tensor(self, name: str, suffix: str, layer: Linear, tensor: torch.Tensor) -> None:
+        """A tensor of a known kind that this spec does not need: a GPTQ g_idx without
+        act-order is checked and dropped; the others contradict quantization_config."""
+        if suffix == "g_idx" and self.spec.method == "gptq":
+            # Without act-order nothing is permuted: g_idx must be the plain k // group_size.
+            check_default_g_idx(name, tensor, layer.in_features, self.spec.group_size)
+            return
+        why = {"g_idx": "AWQ checkpoints have no g_idx",
+               "weight_zero_point": "zero points, but the config's weights.symmetric is true",
+               "weight_g_idx": "activation-ordered groups (actorder 'group'), not read"}[suffix]
+        raise ValueError(f"checkpoint tensor {name!r}: {why}")
+
     def build(self, layer: Linear, keys: list[str]) -> None:
-        convert = gptq_weight if self.spec.method == "gptq" else awq_weight
         weight = layer.weight
-        parts = [convert(key.removesuffix(".weight"), self.pending.pop(key), self.spec,
-                         layer.output_sizes[self.parts[key][1]], layer.in_features, weight.dtype)
-                 for key in keys]
+        parts = [self.convert(key.removesuffix(".weight"), self.pending.pop(key), self.spec,
+                              layer.output_sizes[self.parts[key][1]], layer.in_features,
+                              weight.dtype) for key in keys]
         qweight = fuse(keys[0].removesuffix(".weight"), parts)
         prepare_quantized(qweight)
         # As Linear.quantize does: the weight map still holds the Parameter, so empty it too.
