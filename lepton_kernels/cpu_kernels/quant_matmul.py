@@ -35,12 +35,13 @@ from __future__ import annotations
 
 import ctypes
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from ..ops.quant_matmul import check_args
+from ..ops.quantize import QuantizedWeight, check_qweight
 from . import jit_build
 
 # Above this many rows, dequantize + sgemm. Measured on a 2-core AVX2 VM, one thread, summed over
@@ -93,12 +94,20 @@ class CpuLayout:
     group_size: int               # K for int8 per channel
     perm: torch.Tensor | None     # act-order: x's columns are gathered by it first
 
+    # (weight, scales, zeros) addresses: the arguments every kernel call repeats, taken once
+    pointers: tuple = field(init=False, repr=False)
+
+    def __post_init__(self):
+        ptrs = tuple(None if t is None else t.data_ptr() for t in (self.weight, self.scales, self.zeros))
+        object.__setattr__(self, "pointers", ptrs)
+
 
 def prepare(qw) -> CpuLayout:
     """Build (once) and return ``qw.prepared["cpu"]``; qw must live on the CPU."""
     layout = qw.prepared.get("cpu")
     if layout is not None:
         return layout
+    check_qweight("qw", qw)   # once here: the calls then check only x and bias
     if qw.qweight.device.type != "cpu":
         raise ValueError(f"qw is on {qw.qweight.device}; the cpu layout needs a CPU weight")
     weight = qw.qweight.contiguous()
@@ -115,13 +124,25 @@ def _ptr(t: torch.Tensor | None):
     return None if t is None else t.data_ptr()
 
 
+def _well_formed(x, qw, layout, bias) -> bool:
+    """The checks of check_args that can change from call to call (qw's were made by prepare),
+    as a few attribute reads: a decode step makes dozens of these calls."""
+    n, k = qw.shape
+    return (layout is not None and isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[1] == k
+            and x.dtype == qw.dtype and x.device.type == "cpu"
+            and (bias is None or isinstance(bias, torch.Tensor) and bias.dim() == 1 and bias.shape[0] == n
+                 and bias.dtype == x.dtype and bias.device.type == "cpu"))
+
+
 def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x[M, K] (float32/16, bfloat16, CPU), qw quantized [N, K], bias[N] -> y[M, N] in x's dtype."""
-    check_args(x, qw, bias)
+    layout = qw.prepared.get("cpu") if isinstance(qw, QuantizedWeight) else None
+    if not _well_formed(x, qw, layout, bias):
+        check_args(x, qw, bias)   # raises, naming what is wrong; or the layout is not built yet
+        layout = prepare(qw)
     lib, why = _library()
     if lib is None:
         raise RuntimeError(f"quant_matmul cpu kernels unavailable: {why}")
-    layout = prepare(qw)
     m, (n, k) = x.shape[0], qw.shape
     xf = x.to(torch.float32)
     # act-order: stored weight column k holds input perm[k], so x's columns are gathered to match
@@ -129,21 +150,13 @@ def quant_matmul(x: torch.Tensor, qw, bias: torch.Tensor | None = None) -> torch
     bf = None if bias is None else bias.to(torch.float32).contiguous()
     if m > DEQUANT_ROWS:
         w = torch.empty(n, k, dtype=torch.float32)
-        if qw.bits == 8:
-            lib.lk_dequantize_int8(_ptr(layout.weight), _ptr(layout.scales), _ptr(layout.zeros),
-                                   layout.group_size, n, k, _ptr(w))
-        else:
-            lib.lk_dequantize_int4(_ptr(layout.weight), _ptr(layout.scales), _ptr(layout.zeros),
-                                   layout.group_size, n, k, _ptr(w))
+        dequantize = lib.lk_dequantize_int8 if qw.bits == 8 else lib.lk_dequantize_int4
+        dequantize(*layout.pointers, layout.group_size, n, k, w.data_ptr())
         y = F.linear(xf, w, bf)
     else:
         y = torch.empty(m, n, dtype=torch.float32)
-        if qw.bits == 8:
-            failed = lib.lk_quant_gemm_int8(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
-                                            _ptr(layout.zeros), layout.group_size, _ptr(bf), _ptr(y), n)
-        else:
-            failed = lib.lk_quant_gemm_int4(_ptr(xf), m, k, _ptr(layout.weight), _ptr(layout.scales),
-                                            _ptr(layout.zeros), layout.group_size, _ptr(bf), _ptr(y), n)
+        gemm = lib.lk_quant_gemm_int8 if qw.bits == 8 else lib.lk_quant_gemm_int4
+        failed = gemm(xf.data_ptr(), m, k, *layout.pointers, layout.group_size, _ptr(bf), y.data_ptr(), n)
         if failed:
             raise MemoryError(f"quant_matmul: no memory for the float32 scratch of a {m}x{k} x {n}x{k} matmul")
     return y if x.dtype == torch.float32 else y.to(x.dtype)
