@@ -75,7 +75,7 @@ class WeightMap:
         """What a sharded reader should read of checkpoint tensor ``name``: its Shard, None for
         all of it, False for nothing (a skipped tensor; unknown names are read whole, so that
         load() reports them)."""
-        key = self._resolve(name)
+        key = self.resolve(name)
         if key is None:
             return None
         target = self.targets[key]
@@ -84,7 +84,8 @@ class WeightMap:
     def expected_names(self) -> set[str]:
         return set(self.targets) - self.optional
 
-    def _resolve(self, name: str) -> str | None:
+    def resolve(self, name: str) -> str | None:
+        """The target key of checkpoint name ``name`` (its renames, then its prefixes), or None."""
         for pattern, replacement in self.renames:
             name = pattern.sub(replacement, name)
         for candidate in (name, *(p + name for p in self.prefixes)):
@@ -96,7 +97,7 @@ class WeightMap:
         """Copy each (hf_name, tensor) into its parameter; returns the checkpoint names consumed."""
         consumed, unexpected = set(), []
         for name, tensor in weights:
-            key = self._resolve(name)
+            key = self.resolve(name)
             if key is None:
                 if not any(p.search(name) for p in self.ignore):
                     unexpected.append(name)

@@ -60,15 +60,6 @@ def checkpoint_repacker(model: torch.nn.Module, hf_config: dict, quantization: s
     return Repacker(model, spec).stream, None
 
 
-def resolve(weight_map, name: str) -> str | None:
-    """The weight map's key for checkpoint name ``name`` (its renames, then its prefixes), as
-    WeightMap.load looks names up."""
-    for pattern, replacement in weight_map.renames:
-        name = pattern.sub(replacement, name)
-    return next((c for c in (name, *(p + name for p in weight_map.prefixes))
-                 if c in weight_map.targets), None)
-
-
 def fuse(name: str, parts: list[QuantizedWeight]) -> QuantizedWeight:
     """Stack the parts of a fused layer along N; they must share bits, groups and perm."""
     first = parts[0]
@@ -143,7 +134,7 @@ class Repacker:
         return [key for layer in layers for key in self.part_keys[layer] if key not in self.pending]
 
     def add(self, name: str, prefix: str, suffix: str, tensor: torch.Tensor) -> None:
-        key = resolve(self.weight_map, prefix + ".weight")
+        key = self.weight_map.resolve(prefix + ".weight")
         if key not in self.parts:
             raise ValueError(f"checkpoint tensor {name!r} is quantized, but {prefix} is not a "
                              "linear layer of this model (lepton keeps embeddings and LM heads in float)")
@@ -186,9 +177,9 @@ class Repacker:
     def is_spare_bias(self, name: str, prefix: str, tensor: torch.Tensor) -> bool:
         """True for a zero ``.bias`` of a bias-free Linear (older GPTQ packers write one for
         every layer): dropped. A non-zero one is an error: the layer cannot add it."""
-        if resolve(self.weight_map, name) is not None:
+        if self.weight_map.resolve(name) is not None:
             return False
-        key = resolve(self.weight_map, prefix + ".weight")
+        key = self.weight_map.resolve(prefix + ".weight")
         if key not in self.parts:
             return False   # not a Linear: the weight map reports it as unexpected
         if bool(tensor.count_nonzero()):
