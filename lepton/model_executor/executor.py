@@ -56,6 +56,15 @@ class Executor(abc.ABC):
 
     model: torch.nn.Module
     device: torch.device
+    eos_ids: torch.Tensor   # int64, on device: banned, with stop tokens, while short of min_tokens
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return frozenset(self.eos_ids.tolist())
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids) -> None:
+        self.eos_ids = torch.tensor(sorted(ids), dtype=torch.int64, device=self.device)
 
     @abc.abstractmethod
     def execute_model(self, step: StepInput) -> StepResult:
@@ -86,19 +95,10 @@ class InProcessExecutor(Executor):
         if self.device.type == "cpu" and dtype == torch.float32:
             prepack_model(self.model)   # oneDNN weight layouts for the CPU matmuls
         self.runner = ModelRunner(self.model, self.device, config.kernels, seed=config.seed)
-        self._eos = torch.empty(0, dtype=torch.int64, device=self.device)
-
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self._eos.tolist())
-
-    @eos_token_ids.setter
-    def eos_token_ids(self, ids) -> None:
-        """Banned, with stop tokens, while a sequence is short of min_tokens."""
-        self._eos = torch.tensor(sorted(ids), dtype=torch.int64, device=self.device)
+        self.eos_ids = torch.empty(0, dtype=torch.int64, device=self.device)
 
     def execute_model(self, step: StepInput) -> StepResult:
-        return self.runner.execute_model(step, self._eos)
+        return self.runner.execute_model(step, self.eos_ids)
 
     def allocate_kv_cache(self, num_blocks: int, max_model_len: int | None = None) -> None:
         self.runner.allocate_kv_cache(num_blocks, self.config.block_size, self.dtype, max_model_len,

@@ -169,11 +169,9 @@ def load_tokenizer(path):
     return AutoTokenizer.from_pretrained(path)
 
 
-@pytest.fixture(scope="session")
-def tiny_checkpoint(tmp_path_factory):
-    """Factory fixture: tiny_checkpoint(arch, **config_overrides) -> folder, built once per session."""
+def checkpoint_factory(root: Path):
+    """build(arch, **config_overrides) -> a checkpoint folder under root, each built once."""
     cache: dict[str, Path] = {}
-    root = tmp_path_factory.mktemp("tiny_checkpoints")
 
     def build(arch: str, **overrides) -> Path:
         key = architecture_name(arch) + json.dumps(overrides, sort_keys=True, default=str)
@@ -182,3 +180,9 @@ def tiny_checkpoint(tmp_path_factory):
         return cache[key]
 
     return build
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Factory fixture: tiny_checkpoint(arch, **config_overrides) -> folder, built once per session."""
+    return checkpoint_factory(tmp_path_factory.mktemp("tiny_checkpoints"))

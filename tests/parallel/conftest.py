@@ -7,14 +7,12 @@ process exits) is the only child allowed to stay.
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.models.conftest import architecture_name, make_checkpoint
+from tests.models.conftest import checkpoint_factory
 
 
 def processes() -> dict[int, tuple[int, str]]:
@@ -65,13 +63,4 @@ def no_orphans():
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory):
     """checkpoint(arch, **config_overrides) -> folder, built once per session."""
-    cache: dict[str, Path] = {}
-    root = tmp_path_factory.mktemp("tp_checkpoints")
-
-    def build(arch: str, **overrides) -> Path:
-        key = architecture_name(arch) + json.dumps(overrides, sort_keys=True, default=str)
-        if key not in cache:
-            cache[key] = make_checkpoint(root, arch, **overrides)
-        return cache[key]
-
-    return build
+    return checkpoint_factory(tmp_path_factory.mktemp("tp_checkpoints"))

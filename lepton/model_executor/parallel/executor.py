@@ -111,7 +111,7 @@ class TensorParallelExecutor(Executor):
         # tasks.py calls model.compute_logits outside any step; the workers must join its gather.
         self._compute_logits = self.model.compute_logits
         self.model.compute_logits = self.compute_logits
-        self._eos = torch.empty(0, dtype=torch.int64, device=self.device)
+        self.eos_ids = torch.empty(0, dtype=torch.int64, device=self.device)
 
     def _spawn(self, addr: str, port: int, model_path: Path, hf_config: dict, timeout_s: float) -> None:
         ctx = mp.get_context("spawn")
@@ -193,16 +193,8 @@ class TensorParallelExecutor(Executor):
         self._in_step = False
         return logits
 
-    @property
-    def eos_token_ids(self) -> frozenset[int]:
-        return frozenset(self._eos.tolist())
-
-    @eos_token_ids.setter
-    def eos_token_ids(self, ids) -> None:
-        self._eos = torch.tensor(sorted(ids), dtype=torch.int64, device=self.device)
-
     def execute_model(self, step: StepInput) -> StepResult:
-        return self._call(self.runner.execute_model, step, self._eos)
+        return self._call(self.runner.execute_model, step, self.eos_ids)
 
     def encode(self, token_ids, token_type_ids=None):
         def run():
