@@ -5,9 +5,10 @@ picks, called directly, on tiny CPU inputs where the dispatch is a visible share
     OMP_NUM_THREADS=1 pytest benchmarks/test_registry_overhead.py   # on a busy machine
 
 Cases:
-  rms_norm_auto        lepton_kernels.rms_norm(x[1, 64], w, eps) vs rms_norm.eager(x, w, eps)
-                       (on cpu the automatic choice is eager; its argument check is part of the
-                       implementation, so both sides run it).
+  rms_norm_auto        lepton_kernels.rms_norm(x[1, 64], w, eps) vs the implementation the
+                       registry picks for it, called directly: the cpu C kernel
+                       (cpu_kernels/rms_norm.py), or eager where it cannot be built. Its
+                       argument check is part of the implementation, so both sides run it.
   paged_decode_forced  lepton_kernels.paged_attention(...) inside use(paged_attention="triton"):
                        the forced plan, with the Triton implementation's supports() check on every
                        call. The launcher itself is replaced by a stub for this measurement (the
@@ -47,8 +48,9 @@ def paired_overhead_ns(via_registry, direct, batches: int = 3000, calls: int = 1
 def rms_norm_calls():
     x, w = torch.randn(1, 64), torch.randn(64)
     op = lepton_kernels.rms_norm
-    assert op.select(x, w, 1e-6) == "eager"
-    return (lambda: op(x, w, 1e-6)), (lambda: op.eager(x, w, 1e-6))
+    chosen = op.select(x, w, 1e-6)
+    direct = op.eager if chosen == registry.EAGER else op.get_impl(chosen).resolve()
+    return (lambda: op(x, w, 1e-6)), (lambda: direct(x, w, 1e-6))
 
 
 def paged_decode_calls(monkeypatch):

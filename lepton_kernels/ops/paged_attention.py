@@ -15,10 +15,14 @@ Softmax in float32; the output is a new tensor in q's dtype. The Triton kernels
 (triton_kernels/paged_attention*.py) run decode sequences in GQA-packed programs (the query heads
 of a kv head as the rows of one tile) and the others in query tiles, read K/V a whole cache block
 at a time, and split long contexts across programs when the batch is small (flash-decoding).
+On CPU tensors the C kernel of cpu_kernels/paged_attention.c runs instead of this spec (float32,
+float16, bfloat16): K/V read in place through the block table with an online softmax, the index
+tensors validated in C (an invalid call raises this file's messages through check_args).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,7 +30,7 @@ import torch.nn.functional as F
 
 from ..backends import register_triton
 from ..checks import check_same, check_same_device, check_tensor, randn
-from ..registry import SampleInput, register_op
+from ..registry import SampleInput, register_impl, register_op
 from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args, gather_rows,
                               sequence_groups, token_index)
 
@@ -202,3 +206,44 @@ def load_triton():
 
 
 register_triton(paged_attention, load_triton, supports=triton_supports)
+
+
+@functools.cache
+def cpu_kernels():
+    """lepton_kernels/cpu_kernels/paged_attention.py, imported on first use (it imports this
+    file's check_args, so it cannot be imported while this file loads)."""
+    from ..cpu_kernels import paged_attention as cpu
+    return cpu
+
+
+def cpu_available() -> str | None:
+    """None when the C kernel is built (compiled on first use), else why not."""
+    return cpu_kernels().available()
+
+
+def cpu_supports(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
+                 max_seqlen_k, scale=None, sliding_window=None):
+    """Per call, a few attribute reads: calls that need gradients go to eager (the kernel has no
+    backward), and so does float16 where the compiler lacks _Float16. Arguments of the wrong
+    kind pass, so that the kernel's check names them.
+    No limit on the query length: at the ~55M Llama's shapes (Hq 8, Hk 2, D 64, BS 16; one
+    thread, 2-core AVX2 VM) the kernel beat this spec on every prefill measured, q_len = seq_len
+    = 64 / 512 / 1024 / 4096: 0.19 / 7.3 / 27 / 431 ms against 1.4 / 12.5 / 45 / 868 ms."""
+    try:
+        if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
+            return "an input requires grad and the cpu kernel has no backward"
+        if q.dtype == torch.float16 and not cpu_kernels().has_float16():
+            return "the C compiler has no _Float16"
+    except AttributeError:
+        pass
+    return True
+
+
+def load_cpu():
+    """The C kernel's entry point (lepton_kernels/cpu_kernels/paged_attention.py)."""
+    return cpu_kernels().paged_attention
+
+
+register_impl(paged_attention, "cpu", load=load_cpu, device_types=["cpu"],
+              dtypes=(torch.float32, torch.float16, torch.bfloat16), available=cpu_available,
+              supports=cpu_supports)
