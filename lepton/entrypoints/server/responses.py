@@ -13,9 +13,21 @@ from lepton.outputs import CompletionOutput, RequestOutput
 from lepton.entrypoints.server.token_bytes import piece_bytes, raw_token_bytes
 
 
+# Characters that str.splitlines() breaks lines at and json.dumps(ensure_ascii=False) leaves raw
+# (it escapes the C0 controls itself). SSE ends lines at CR / LF only, but clients that split
+# with splitlines (httpx's aiter_lines, for one) would cut an event holding one of these in two.
+_SPLITLINES_BREAKS = str.maketrans({"\x85": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def event_json(payload) -> str:
+    """Compact JSON for one SSE data line: UTF-8 kept, the line breaks of str.splitlines()
+    escaped (they can only occur inside JSON strings, where \\uXXXX means the same text)."""
+    return json.dumps(payload, ensure_ascii=False, separators=(",", ":")).translate(_SPLITLINES_BREAKS)
+
+
 def sse(payload) -> str:
     """One server-sent event: ``data: <json>`` and a blank line."""
-    return f"data: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+    return f"data: {event_json(payload)}\n\n"
 
 
 SSE_DONE = "data: [DONE]\n\n"

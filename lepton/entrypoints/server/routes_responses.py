@@ -19,7 +19,6 @@ A failure after the stream has started is an ``error`` event, then ``response.fa
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import uuid
 
@@ -29,6 +28,7 @@ from lepton.engine.async_engine import StreamBackpressureError
 from lepton.entrypoints.server.errors import APIError
 from lepton.entrypoints.server.protocol import ChatMessage
 from lepton.entrypoints.server.protocol_responses import ResponsesRequest, check_supported, input_messages
+from lepton.entrypoints.server.responses import event_json
 from lepton.sampling_params import RequestOutputKind, SamplingParams
 
 
@@ -105,7 +105,7 @@ class ResponseView:
     def event(self, kind: str, **fields) -> str:
         payload = {"type": kind, "sequence_number": self.sequence, **fields}
         self.sequence += 1
-        return f"event: {kind}\ndata: {json.dumps(payload, ensure_ascii=False, separators=(',', ':'))}\n\n"
+        return f"event: {kind}\ndata: {event_json(payload)}\n\n"
 
     async def events(self, st, handles):
         where = {"item_id": self.message_id, "output_index": 0, "content_index": 0}
