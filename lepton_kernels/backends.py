@@ -43,6 +43,26 @@ def register_triton(op: Op, load: Callable[[], Callable], *, dtypes: Sequence[to
                          priority=priority)
 
 
+@functools.cache
+def cpu_kernel_module(name: str):
+    """``lepton_kernels/cpu_kernels/<name>.py``, imported on first use: each such module imports
+    its op file's check_args, so it cannot be imported while that op file loads."""
+    return importlib.import_module(f"{__package__}.cpu_kernels.{name}")
+
+
+def register_cpu(op: Op, *, dtypes: Sequence[torch.dtype], supports: Callable[..., Any] | None = None,
+                 priority: int | Mapping[Any, int] = 0) -> Impl:
+    """Register the function ``<op>`` of ``cpu_kernels/<op>.py`` (C compiled on first use, called
+    through ctypes) as the ``cpu`` implementation of ``op``: automatic on CPU tensors, available
+    when that module's ``available()`` says its C source built (no compiler: eager runs)."""
+    def load():
+        return getattr(cpu_kernel_module(op.name), op.name)
+
+    return register_impl(op, "cpu", load=load, device_types=["cpu"], dtypes=dtypes,
+                         available=lambda: cpu_kernel_module(op.name).available(), supports=supports,
+                         priority=priority)
+
+
 def _load_native():
     if os.environ.get("LEPTON_NO_EXT") == "1":
         return None, "disabled by LEPTON_NO_EXT=1"

@@ -22,15 +22,14 @@ tensors validated in C (an invalid call raises this file's messages through chec
 
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from ..backends import register_triton
+from ..backends import cpu_kernel_module, register_cpu, register_triton
 from ..checks import check_same, check_same_device, check_tensor, randn
-from ..registry import SampleInput, register_impl, register_op
+from ..registry import SampleInput, register_op
 from .flash_attention import (attention_padded, check_cu_seqlens, check_window_args, gather_rows,
                               sequence_groups, token_index)
 
@@ -208,19 +207,6 @@ def load_triton():
 register_triton(paged_attention, load_triton, supports=triton_supports)
 
 
-@functools.cache
-def cpu_kernels():
-    """lepton_kernels/cpu_kernels/paged_attention.py, imported on first use (it imports this
-    file's check_args, so it cannot be imported while this file loads)."""
-    from ..cpu_kernels import paged_attention as cpu
-    return cpu
-
-
-def cpu_available() -> str | None:
-    """None when the C kernel is built (compiled on first use), else why not."""
-    return cpu_kernels().available()
-
-
 def cpu_supports(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q,
                  max_seqlen_k, scale=None, sliding_window=None):
     """Per call, a few attribute reads: calls that need gradients go to eager (the kernel has no
@@ -232,18 +218,11 @@ def cpu_supports(q, k_cache, v_cache, block_tables, seq_lens, cu_seqlens_q, max_
     try:
         if torch.is_grad_enabled() and (q.requires_grad or k_cache.requires_grad or v_cache.requires_grad):
             return "an input requires grad and the cpu kernel has no backward"
-        if q.dtype == torch.float16 and not cpu_kernels().has_float16():
+        if q.dtype == torch.float16 and not cpu_kernel_module("paged_attention").has_float16():
             return "the C compiler has no _Float16"
     except AttributeError:
         pass
     return True
 
 
-def load_cpu():
-    """The C kernel's entry point (lepton_kernels/cpu_kernels/paged_attention.py)."""
-    return cpu_kernels().paged_attention
-
-
-register_impl(paged_attention, "cpu", load=load_cpu, device_types=["cpu"],
-              dtypes=(torch.float32, torch.float16, torch.bfloat16), available=cpu_available,
-              supports=cpu_supports)
+register_cpu(paged_attention, dtypes=(torch.float32, torch.float16, torch.bfloat16), supports=cpu_supports)

@@ -20,14 +20,13 @@ tensors with a C kernel; its layout lives in ``qw.prepared["cpu"]``, built by
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import torch
 import torch.nn.functional as F
 
-from ..backends import register_triton, triton_available
+from ..backends import cpu_kernel_module, register_cpu, register_triton, triton_available
 from ..checks import check_same, check_same_device, check_tensor, randn
-from ..registry import SampleInput, register_impl, register_op
+from ..registry import SampleInput, register_op
 from .quantize import QuantizedWeight, check_qweight, dequantize, quantize, sample_weights
 
 
@@ -117,30 +116,17 @@ def format_report() -> list[str]:
     return lines
 
 
-@functools.cache
-def cpu_kernels():
-    """lepton_kernels/cpu_kernels/quant_matmul.py, imported on first use (it imports this file's
-    check_args, so it cannot be imported while this file loads)."""
-    from ..cpu_kernels import quant_matmul as cpu
-    return cpu
-
-
-def cpu_available() -> str | None:
-    """None when the C kernels are built (compiled on first use), else why not."""
-    return cpu_kernels().available()
-
-
 def cpu_supports(x: torch.Tensor, qw, bias: torch.Tensor | None = None):
     """The C kernels' per-call check (they have no backward)."""
-    return cpu_kernels().supports(x, qw, bias)
+    return cpu_kernel_module("quant_matmul").supports(x, qw, bias)
 
 
 def prepare_quantized(qw) -> None:
     """Build, once, the layout the implementation for qw's device reads (``qw.prepared``), so
     the first forward does not pay for it. A no-op where no implementation needs one."""
     check_qweight("qw", qw)
-    if qw.qweight.device.type == "cpu" and cpu_available() is None:
-        cpu_kernels().prepare(qw)
+    if qw.qweight.device.type == "cpu" and cpu_kernel_module("quant_matmul").available() is None:
+        cpu_kernel_module("quant_matmul").prepare(qw)
     elif qw.qweight.device.type == "cuda" and triton_available() is None:
         from ..triton_kernels.quant_matmul import prepare
 
@@ -153,13 +139,6 @@ def load_triton():
     return launcher
 
 
-def load_cpu():
-    """The C kernels' entry point (lepton_kernels/cpu_kernels/quant_matmul.py)."""
-    return cpu_kernels().quant_matmul
-
-
 # One accelerated implementation per device type: triton on cuda, the C kernels on cpu.
 register_triton(quant_matmul, load_triton)
-register_impl(quant_matmul, "cpu", load=load_cpu, device_types=["cpu"],
-              dtypes=(torch.float32, torch.float16, torch.bfloat16), available=cpu_available,
-              supports=cpu_supports)
+register_cpu(quant_matmul, dtypes=(torch.float32, torch.float16, torch.bfloat16), supports=cpu_supports)

@@ -13,13 +13,11 @@ upcast around it as here; calls that need gradients stay on this eager spec.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..backends import register_triton
+from ..backends import register_cpu, register_triton
 from ..checks import check_same, check_same_device, check_tensor, randn
-from ..registry import SampleInput, register_impl, register_op
+from ..registry import SampleInput, register_op
 
 
 def check_args(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None) -> None:
@@ -73,19 +71,6 @@ def load_triton():
 register_triton(rms_norm, load_triton)
 
 
-@functools.cache
-def cpu_kernel():
-    """lepton_kernels/cpu_kernels/rms_norm.py, imported on first use (it imports this file's
-    check_args, so it cannot be imported while this file loads)."""
-    from ..cpu_kernels import rms_norm as cpu
-    return cpu
-
-
-def cpu_available() -> str | None:
-    """None when the C kernel is built (compiled on first use), else why not."""
-    return cpu_kernel().available()
-
-
 def cpu_supports(x, weight, eps=1e-6, residual=None) -> bool | str:
     """The C kernel's per-call check: it has no backward. Here, not in the kernel's module, so
     a call pays no extra frame for it (it runs on every call); grad mode is read first because
@@ -97,12 +82,5 @@ def cpu_supports(x, weight, eps=1e-6, residual=None) -> bool | str:
     return True
 
 
-def load_cpu():
-    """The C kernel's entry point."""
-    return cpu_kernel().rms_norm
-
-
 # On CPU tensors the C kernel; float16 / bfloat16 are upcast around it (still far fewer ops).
-register_impl(rms_norm, "cpu", load=load_cpu, device_types=["cpu"],
-              dtypes=(torch.float32, torch.float16, torch.bfloat16), available=cpu_available,
-              supports=cpu_supports)
+register_cpu(rms_norm, dtypes=(torch.float32, torch.float16, torch.bfloat16), supports=cpu_supports)

@@ -20,13 +20,11 @@ bits as this spec at a fraction of its per-call cost; eager for everything else.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
-from ..backends import register_triton
+from ..backends import cpu_kernel_module, register_cpu, register_triton
 from ..checks import check_same, check_same_device, check_tensor, randn
-from ..registry import SampleInput, register_impl, register_op
+from ..registry import SampleInput, register_op
 
 _INT_DTYPES = (torch.int64, torch.int32)
 
@@ -139,28 +137,9 @@ def load_triton():
 register_triton(rotary_embedding, load_triton)
 
 
-@functools.cache
-def cpu_kernels():
-    """lepton_kernels/cpu_kernels/rotary_embedding.py, imported on first use (it imports this
-    file's check_args, so it cannot be imported while this file loads)."""
-    from ..cpu_kernels import rotary_embedding as cpu
-    return cpu
-
-
-def cpu_available() -> str | None:
-    """None when the C kernel is built (compiled on first use), else why not."""
-    return cpu_kernels().available()
-
-
 def cpu_supports(positions, q, k, cos_sin_cache, is_neox=True):
     """The C kernel's per-call check: float32, head_dim contiguous, no autograd."""
-    return cpu_kernels().supports(positions, q, k, cos_sin_cache, is_neox)
+    return cpu_kernel_module("rotary_embedding").supports(positions, q, k, cos_sin_cache, is_neox)
 
 
-def load_cpu():
-    """The C kernel's entry point (lepton_kernels/cpu_kernels/rotary_embedding.py)."""
-    return cpu_kernels().rotary_embedding
-
-
-register_impl(rotary_embedding, "cpu", load=load_cpu, device_types=["cpu"], dtypes=(torch.float32,),
-              available=cpu_available, supports=cpu_supports)
+register_cpu(rotary_embedding, dtypes=(torch.float32,), supports=cpu_supports)

@@ -15,29 +15,14 @@ import lepton_kernels
 from lepton_kernels import registry
 from lepton_kernels.cpu_kernels import jit_build
 from lepton_kernels.cpu_kernels import paged_attention as cpu
+from tests.kernels.test_flash_attention import single_thread  # noqa: F401 (a fixture)
+from tests.kernels.test_quant_matmul import poisoned_empty  # noqa: F401 (a fixture)
 
-pytestmark = pytest.mark.skipif(cpu.available() is not None, reason=f"cpu kernel: {cpu.available()}")
+# Tiny tensors, so one intra-op thread (single_thread, module-scoped autouse); outputs come from a
+# NaN-filling torch.empty (poisoned_empty), so an element the kernel never writes fails.
+pytestmark = [pytest.mark.skipif(cpu.available() is not None, reason=f"cpu kernel: {cpu.available()}"),
+              pytest.mark.usefixtures("poisoned_empty")]
 HALF = [torch.bfloat16] + ([torch.float16] if cpu.has_float16() else [])
-
-
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads of the eager runs only spin-wait on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(autouse=True)
-def poisoned_empty(monkeypatch):
-    empty = torch.empty
-
-    def nan_empty(*args, **kwargs):
-        t = empty(*args, **kwargs)
-        return t.fill_(float("nan")) if t.is_floating_point() else t
-
-    monkeypatch.setattr(torch, "empty", nan_empty)
 
 
 def make(q_lens, seq_lens, hq, hk, d, block_size, dtype=torch.float32, seed=0, pad=-1):
