@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,6 +16,7 @@ import pytest
 from lepton.entrypoints.cli.bench_client import RequestResult, SSEParser, StreamRecorder, send_request
 from lepton.entrypoints.cli.bench_stats import format_table, summarize, tpot
 from tests.engine import checkpoint
+from tests.server.conftest import free_port
 
 
 # ---- statistics ---------------------------------------------------------------------------------
@@ -160,12 +160,6 @@ def test_send_request_records_http_errors_and_broken_streams():
 
 # ---- against a real server ----------------------------------------------------------------------
 API_KEY = "sk-bench-test"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

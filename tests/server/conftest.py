@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -43,8 +44,35 @@ METRIC_NAMES = ("lepton_requests_running", "lepton_requests_waiting", "lepton_kv
                 "lepton_inter_token_latency_seconds_bucket", "lepton_e2e_request_latency_seconds_bucket")
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999   # Linux's default
+
+
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+    """A loopback port free now and outside the kernel's ephemeral range. A port bound to 0 and
+    released comes from that range, and until the server binds it (after loading a model) any
+    socket that binds port 0 meanwhile (gloo's connections in the tensor-parallel tests, a
+    client's) may be handed the same port: the server then fails with "address in use"."""
+    low, high = _ephemeral_range()
+    candidates = [p for p in range(20000, 32768) if p < low or p > high] or list(range(high + 1, 65536))
+    for port in random.Random().sample(candidates, min(len(candidates), 200)):
+        if port in _GIVEN:   # handed out already (two ports for one test must differ)
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:   # all taken: any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
